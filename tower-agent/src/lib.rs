@@ -1,0 +1,470 @@
+//! Tower agent: the member side of the reverse tunnel.
+//!
+//! The agent dials the server named in its join token, pins the server's host
+//! key from the token, authenticates with the token, says hello on the control
+//! channel, and asks for standard SSH remote forwarding of each upstream it
+//! serves. Each `forwarded-tcpip` channel the server opens carries an HTTP/2
+//! connection that [`upstream::Upstream`] serves with the agent's own
+//! credentials. The session is kept alive with keepalives and re-established
+//! with capped, jittered exponential backoff; the token is re-read each time.
+#![forbid(unsafe_code)]
+
+pub mod upstream;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use backon::BackoffBuilder;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use russh::client::{self, ChannelOpenHandle, DisconnectReason, Msg};
+use russh::keys::PublicKeyOrCertificate;
+use russh::{Channel, ChannelOpenFailure};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower_proto::hello::{self, ProtocolVersion, Reply};
+use tower_proto::names::{CAP_H2, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS};
+use tower_proto::{Hello, JoinToken};
+
+pub use upstream::{Upstream, UpstreamConfig};
+
+/// HTTP/2 windows inside the tunnel (must match the server's intent: bounded per
+/// stream, generous per connection).
+const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
+
+/// Where the join token comes from. A file is re-read on every reconnect.
+#[derive(Clone)]
+pub enum TokenSource {
+    File(PathBuf),
+    Literal(String),
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            TokenSource::Literal(_) => f.write_str("Literal(<redacted>)"),
+        }
+    }
+}
+
+impl TokenSource {
+    fn load(&self) -> Result<JoinToken, AgentError> {
+        let text = match self {
+            TokenSource::File(p) => std::fs::read_to_string(p).map_err(|e| {
+                AgentError::Config(format!("reading join token {}: {e}", p.display()))
+            })?,
+            TokenSource::Literal(s) => s.clone(),
+        };
+        JoinToken::parse(&text).map_err(|e| AgentError::Config(e.to_string()))
+    }
+}
+
+/// Agent settings.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub token: TokenSource,
+    pub upstreams: Vec<UpstreamConfig>,
+    pub keepalive_interval: Duration,
+    pub keepalive_max: usize,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl AgentConfig {
+    pub fn new(token: TokenSource, upstreams: Vec<UpstreamConfig>) -> Self {
+        Self {
+            token,
+            upstreams,
+            keepalive_interval: Duration::from_secs(10),
+            keepalive_max: 3,
+            backoff_min: Duration::from_millis(200),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a connection attempt or session ended.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum AgentError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("cannot reach server {addr}: {reason}")]
+    Dial { addr: String, reason: String },
+    #[error(
+        "host key mismatch: server {addr} presented {presented}, but the join token pins {pinned}; \
+         refusing to connect (the server may be impersonated, or its key was replaced: get a new join token)"
+    )]
+    HostKeyMismatch {
+        addr: String,
+        presented: String,
+        pinned: String,
+    },
+    #[error(
+        "the server refused the join token for cluster {cluster:?}: it is wrong, expired or revoked; mint a new one with towerctl"
+    )]
+    AuthRefused { cluster: String },
+    #[error("the server refused this agent: {0}")]
+    Refused(String),
+    #[error("SSH: {0}")]
+    Ssh(String),
+    #[error("session ended: {0}")]
+    Ended(String),
+}
+
+/// What the agent is doing now; observable through [`Agent::status`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AgentStatus {
+    Connecting,
+    Connected { server: String },
+    Failed(String),
+    Stopped,
+}
+
+/// A Tower agent.
+pub struct Agent {
+    config: AgentConfig,
+    upstreams: Arc<HashMap<String, Arc<Upstream>>>,
+    status: watch::Sender<AgentStatus>,
+}
+
+impl Agent {
+    pub fn new(config: AgentConfig) -> anyhow::Result<Self> {
+        let mut upstreams = HashMap::new();
+        for u in &config.upstreams {
+            anyhow::ensure!(
+                KNOWN_UPSTREAMS.contains(&u.name.as_str()),
+                "unknown upstream {:?}; known: {KNOWN_UPSTREAMS:?}",
+                u.name
+            );
+            upstreams.insert(u.name.clone(), Arc::new(Upstream::new(u)?));
+        }
+        anyhow::ensure!(
+            !upstreams.is_empty(),
+            "the agent needs at least one upstream"
+        );
+        Ok(Self {
+            config,
+            upstreams: Arc::new(upstreams),
+            status: watch::channel(AgentStatus::Connecting).0,
+        })
+    }
+
+    pub fn status(&self) -> watch::Receiver<AgentStatus> {
+        self.status.subscribe()
+    }
+
+    /// Connects and reconnects until `shutdown`.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut backoff = self.backoff();
+        loop {
+            self.status.send_replace(AgentStatus::Connecting);
+            let started = Instant::now();
+            let result = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                r = self.session(&shutdown) => r,
+            };
+            if shutdown.is_cancelled() {
+                break;
+            }
+            let err = result
+                .err()
+                .unwrap_or_else(|| AgentError::Ended("closed".into()));
+            tracing::warn!(error = %err, "tunnel session ended; reconnecting");
+            self.status
+                .send_replace(AgentStatus::Failed(err.to_string()));
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = self.backoff();
+            }
+            let delay = backoff.next().unwrap_or(self.config.backoff_max);
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(delay) => {}
+            }
+        }
+        self.status.send_replace(AgentStatus::Stopped);
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
+        backon::ExponentialBuilder::default()
+            .with_min_delay(self.config.backoff_min)
+            .with_max_delay(self.config.backoff_max)
+            .with_factor(2.0)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// One session: dial, verify, authenticate, hello, forward, serve until it ends.
+    async fn session(&self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+        let token = self.config.token.load()?;
+        let cluster = token.claims.cluster.clone();
+        let mut last_err = AgentError::Config("the join token names no server".into());
+        for addr in &token.claims.servers {
+            match self.dial(addr, &token).await {
+                Ok((handle, ended)) => {
+                    return self
+                        .established(addr, handle, ended, &cluster, shutdown)
+                        .await;
+                }
+                Err(e @ AgentError::HostKeyMismatch { .. }) => return Err(e),
+                Err(e) => last_err = e,
+            }
+        }
+        Err(last_err)
+    }
+
+    async fn dial(
+        &self,
+        addr: &str,
+        token: &JoinToken,
+    ) -> Result<(client::Handle<AgentHandler>, Arc<Mutex<Option<String>>>), AgentError> {
+        let dial_err = |reason: String| AgentError::Dial {
+            addr: addr.to_string(),
+            reason,
+        };
+        let tcp = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await
+        .map_err(|_| dial_err("timed out after 10s".into()))?
+        .map_err(|e| dial_err(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let config = Arc::new(client::Config {
+            keepalive_interval: Some(self.config.keepalive_interval),
+            keepalive_max: self.config.keepalive_max,
+            inactivity_timeout: None,
+            window_size: 8 * 1024 * 1024,
+            maximum_packet_size: 32 * 1024,
+            channel_buffer_size: 256,
+            nodelay: true,
+            ..Default::default()
+        });
+        let mismatch = Arc::new(Mutex::new(None));
+        let ended = Arc::new(Mutex::new(None));
+        let handler = AgentHandler {
+            pinned: token.claims.host_key.clone(),
+            mismatch: mismatch.clone(),
+            ended: ended.clone(),
+            upstreams: self.upstreams.clone(),
+        };
+        let connect = client::connect_stream(config, tcp, handler);
+        let mut handle = match tokio::time::timeout(Duration::from_secs(15), connect).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                if let Some(presented) = mismatch.lock().expect("poisoned").take() {
+                    return Err(AgentError::HostKeyMismatch {
+                        addr: addr.to_string(),
+                        presented,
+                        pinned: token.claims.host_key.clone(),
+                    });
+                }
+                return Err(AgentError::Ssh(e.to_string()));
+            }
+            Err(_) => return Err(dial_err("SSH handshake timed out".into())),
+        };
+        let auth = handle
+            .authenticate_password(token.claims.cluster.clone(), token.credential().expose())
+            .await
+            .map_err(|e| AgentError::Ssh(e.to_string()))?;
+        if !auth.success() {
+            return Err(AgentError::AuthRefused {
+                cluster: token.claims.cluster.clone(),
+            });
+        }
+        Ok((handle, ended))
+    }
+
+    async fn established(
+        &self,
+        addr: &str,
+        handle: client::Handle<AgentHandler>,
+        ended: Arc<Mutex<Option<String>>>,
+        cluster: &str,
+        shutdown: &CancellationToken,
+    ) -> Result<(), AgentError> {
+        let ssh = |e: russh::Error| AgentError::Ssh(e.to_string());
+        let channel = handle.channel_open_session().await.map_err(ssh)?;
+        channel
+            .request_subsystem(true, CONTROL_SUBSYSTEM)
+            .await
+            .map_err(ssh)?;
+        let mut names: Vec<String> = self.upstreams.keys().cloned().collect();
+        names.sort();
+        let hello = Hello {
+            protocol: ProtocolVersion::CURRENT,
+            agent_version: tower_proto::VERSION.to_string(),
+            capabilities: vec![CAP_H2.to_string()],
+            upstreams: names.clone(),
+            facts: Default::default(),
+        };
+        let mut control = BufReader::new(channel.into_stream());
+        control
+            .get_mut()
+            .write_all(&hello::encode_line(&hello))
+            .await
+            .map_err(|e| AgentError::Ssh(e.to_string()))?;
+        let mut line = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            (&mut control)
+                .take(hello::MAX_LINE as u64 + 1)
+                .read_until(b'\n', &mut line),
+        )
+        .await;
+        let ended_reason = || ended.lock().expect("poisoned").clone();
+        match read {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => {
+                return Err(AgentError::Refused(
+                    ended_reason().unwrap_or_else(|| "no answer to hello".into()),
+                ));
+            }
+        }
+        match hello::decode_line::<Reply>(line.strip_suffix(b"\n").unwrap_or(&line)) {
+            Ok(Reply::Welcome(w)) => {
+                ProtocolVersion::CURRENT
+                    .check_peer(w.protocol)
+                    .map_err(AgentError::Refused)?;
+                tracing::debug!(server_version = %w.server_version, "welcomed");
+            }
+            Ok(Reply::Refusal(r)) => return Err(AgentError::Refused(r.refused)),
+            Err(e) => return Err(AgentError::Refused(e)),
+        }
+        for name in &names {
+            handle
+                .tcpip_forward(name.clone(), FORWARD_PORT)
+                .await
+                .map_err(|e| AgentError::Refused(format!("forwarding {name} refused: {e}")))?;
+        }
+        tracing::info!(server = addr, %cluster, upstreams = ?names, "tunnel established");
+        self.status.send_replace(AgentStatus::Connected {
+            server: addr.to_string(),
+        });
+        // The control channel stays open for the life of the session.
+        tokio::select! {
+            _ = drain(&mut control) => {}
+            _ = shutdown.cancelled() => {
+                let _ = handle
+                    .disconnect(russh::Disconnect::ByApplication, "agent shutting down", "en")
+                    .await;
+                return Ok(());
+            }
+        }
+        Err(AgentError::Ended(
+            ended_reason().unwrap_or_else(|| "connection to the server lost".into()),
+        ))
+    }
+}
+
+// === impl AgentHandler ===
+
+struct AgentHandler {
+    pinned: String,
+    mismatch: Arc<Mutex<Option<String>>>,
+    ended: Arc<Mutex<Option<String>>>,
+    upstreams: Arc<HashMap<String, Arc<Upstream>>>,
+}
+
+impl client::Handler for AgentHandler {
+    type Error = russh::Error;
+
+    async fn check_server_key(
+        &mut self,
+        key: &PublicKeyOrCertificate,
+    ) -> Result<bool, Self::Error> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = key else {
+            *self.mismatch.lock().expect("poisoned") = Some("an SSH certificate".into());
+            return Ok(false);
+        };
+        let presented = tower_certs_fingerprint(key);
+        if presented == self.pinned {
+            Ok(true)
+        } else {
+            *self.mismatch.lock().expect("poisoned") = Some(presented);
+            Ok(false)
+        }
+    }
+
+    async fn server_channel_open_forwarded_tcpip(
+        &mut self,
+        channel: Channel<Msg>,
+        connected_address: &str,
+        _connected_port: u32,
+        _originator_address: &str,
+        _originator_port: u32,
+        reply: ChannelOpenHandle,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        let Some(upstream) = self.upstreams.get(connected_address).cloned() else {
+            tracing::warn!(
+                requested = connected_address,
+                "refusing a channel for an upstream outside the allow-list"
+            );
+            reply
+                .reject(ChannelOpenFailure::AdministrativelyProhibited)
+                .await;
+            return Ok(());
+        };
+        reply.accept().await;
+        tokio::spawn(serve_channel(channel, upstream));
+        Ok(())
+    }
+
+    async fn disconnected(
+        &mut self,
+        reason: DisconnectReason<Self::Error>,
+    ) -> Result<(), Self::Error> {
+        let text = match &reason {
+            DisconnectReason::ReceivedDisconnect(info) => {
+                format!("server disconnected: {}", info.message)
+            }
+            DisconnectReason::Error(e) => format!("connection error: {e}"),
+        };
+        *self.ended.lock().expect("poisoned") = Some(text);
+        match reason {
+            DisconnectReason::ReceivedDisconnect(_) => Ok(()),
+            DisconnectReason::Error(e) => Err(e),
+        }
+    }
+}
+
+/// Reads and discards until EOF or error.
+async fn drain<R: tokio::io::AsyncRead + Unpin>(r: &mut R) {
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = r.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn tower_certs_fingerprint(key: &russh::keys::PublicKey) -> String {
+    key.fingerprint(russh::keys::HashAlg::Sha256).to_string()
+}
+
+/// Serves HTTP/2 (with extended CONNECT) on one forwarded channel.
+async fn serve_channel(channel: Channel<Msg>, upstream: Arc<Upstream>) {
+    let io = TokioIo::new(channel.into_stream());
+    let service = service_fn(move |req| {
+        let upstream = upstream.clone();
+        async move { Ok::<_, std::convert::Infallible>(upstream.serve(req).await) }
+    });
+    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_frame_size(64 * 1024)
+        .max_concurrent_streams(10_000)
+        .serve_connection(io, service)
+        .await;
+    if let Err(e) = result {
+        tracing::debug!(error = %e, "tunnel channel ended");
+    }
+}

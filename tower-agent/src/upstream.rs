@@ -1,0 +1,346 @@
+//! Upstreams the agent serves: the member's kube-apiserver (and optionally
+//! ks-apiserver), reached over verified TLS with the agent's own credentials.
+//!
+//! Requests arriving through the tunnel are rewritten onto the configured base
+//! URL; callers cannot choose a host. Extended CONNECT streams become HTTP/1.1
+//! upgrades to the upstream and are spliced after its `101`.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
+};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::{Client, connect::HttpConnector};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+/// Body type of responses sent back through the tunnel.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// Header carrying an upgrade's original method inside extended CONNECT.
+pub const METHOD_HEADER: &str = "x-tower-method";
+
+/// How to reach and authenticate to one upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// Logical name: `kube-apiserver` or `ks-apiserver`.
+    pub name: String,
+    /// Base URL, e.g. `https://kubernetes.default.svc`.
+    pub url: String,
+    /// CA bundle that verifies the upstream's serving certificate.
+    pub ca_file: Option<PathBuf>,
+    /// Bearer token file (a mounted service-account token); re-read when it changes.
+    pub token_file: Option<PathBuf>,
+}
+
+/// A configured upstream with its HTTP client.
+pub struct Upstream {
+    pub name: String,
+    base: Uri,
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    token: Option<TokenFile>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("name", &self.name)
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    pub fn new(config: &UpstreamConfig) -> anyhow::Result<Self> {
+        let base: Uri = config
+            .url
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{} URL {:?}: {e}", config.name, config.url))?;
+        anyhow::ensure!(
+            base.scheme_str() == Some("https") && base.authority().is_some(),
+            "{} URL must be https://host[:port], got {:?}",
+            config.name,
+            config.url
+        );
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(ca) = &config.ca_file {
+            let pem = std::fs::read_to_string(ca)
+                .map_err(|e| anyhow::anyhow!("reading CA file {}: {e}", ca.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
+                roots.add(cert?)?;
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "CA file {} holds no certificate",
+                ca.display()
+            );
+        } else {
+            anyhow::bail!(
+                "{}: a CA file is required to verify the upstream",
+                config.name
+            );
+        }
+        let tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(10)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .pool_max_idle_per_host(256)
+            .build(connector);
+        Ok(Self {
+            name: config.name.clone(),
+            base,
+            client,
+            token: config.token_file.clone().map(TokenFile::new),
+        })
+    }
+
+    /// Serves one request that arrived through the tunnel.
+    pub async fn serve(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let is_extended_connect = req.method() == Method::CONNECT
+            && req.extensions().get::<hyper::ext::Protocol>().is_some();
+        let result = if is_extended_connect {
+            self.upgrade(req).await
+        } else {
+            self.forward(req).await
+        };
+        result.unwrap_or_else(|resp| resp)
+    }
+
+    fn target(&self, req_uri: &Uri) -> Uri {
+        let pq = req_uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        let mut parts = self.base.clone().into_parts();
+        let base_path = self.base.path().trim_end_matches('/');
+        parts.path_and_query = Some(
+            format!("{base_path}{pq}")
+                .parse()
+                .expect("base path plus a valid path is valid"),
+        );
+        Uri::from_parts(parts).expect("scheme and authority come from a valid base URL")
+    }
+
+    fn headers(&self, incoming: &HeaderMap) -> Result<HeaderMap, Response<Body>> {
+        let mut headers = clean_headers(incoming);
+        headers.remove(header::AUTHORIZATION);
+        headers.remove(HeaderName::from_static(METHOD_HEADER));
+        if let Some(token) = &self.token {
+            let value = token.bearer().map_err(|e| {
+                tracing::error!(upstream = %self.name, error = %e, "cannot read credential");
+                status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the agent cannot read its {} credential", self.name),
+                )
+            })?;
+            headers.insert(header::AUTHORIZATION, value);
+        }
+        Ok(headers)
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+        let (parts, body) = req.into_parts();
+        let mut out = Request::builder()
+            .method(parts.method)
+            .uri(self.target(&parts.uri))
+            .body(body.boxed_unsync())
+            .expect("valid request parts");
+        *out.headers_mut() = self.headers(&parts.headers)?;
+        let resp = self
+            .client
+            .request(out)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        let (mut parts, body) = resp.into_parts();
+        parts.headers = clean_headers(&parts.headers);
+        Ok(Response::from_parts(parts, body.boxed_unsync()))
+    }
+
+    async fn upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+        let protocol = req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
+        let method = req
+            .headers()
+            .get(METHOD_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+            .unwrap_or(Method::GET);
+        let tunnel_side = hyper::upgrade::on(&mut req);
+        let mut out = Request::builder()
+            .method(method)
+            .uri(self.target(req.uri()))
+            .body(empty())
+            .expect("valid request parts");
+        *out.headers_mut() = self.headers(req.headers())?;
+        out.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        out.headers_mut().insert(
+            header::UPGRADE,
+            HeaderValue::from_str(&protocol)
+                .map_err(|_| status(StatusCode::BAD_REQUEST, "invalid upgrade protocol"))?,
+        );
+        let mut resp = self
+            .client
+            .request(out)
+            .await
+            .map_err(|e| self.unreachable(e))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let (mut parts, body) = resp.into_parts();
+            parts.headers = clean_headers(&parts.headers);
+            return Ok(Response::from_parts(parts, body.boxed_unsync()));
+        }
+        let upstream_side = hyper::upgrade::on(&mut resp);
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            match tokio::join!(tunnel_side, upstream_side) {
+                (Ok(t), Ok(u)) => {
+                    let mut t = TokioIo::new(t);
+                    let mut u = TokioIo::new(u);
+                    if let Err(e) = tokio::io::copy_bidirectional(&mut t, &mut u).await {
+                        tracing::debug!(upstream = %name, error = %e, "upgraded stream ended");
+                    }
+                }
+                (t, u) => {
+                    tracing::debug!(upstream = %name, tunnel = ?t.err(), upstream_err = ?u.err(), "upgrade failed")
+                }
+            }
+        });
+        let mut headers = clean_headers(resp.headers());
+        headers.remove(header::CONTENT_LENGTH);
+        let mut ok = Response::new(empty());
+        *ok.headers_mut() = headers;
+        Ok(ok)
+    }
+
+    fn unreachable(&self, e: hyper_util::client::legacy::Error) -> Response<Body> {
+        tracing::warn!(upstream = %self.name, error = %e, "upstream request failed");
+        status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the agent could not reach {}: {e}", self.name),
+        )
+    }
+}
+
+// === impl TokenFile ===
+
+/// A bearer-token file, re-read when its modification time changes (checked at
+/// most once a second), as kubelet rotates projected service-account tokens.
+struct TokenFile {
+    path: PathBuf,
+    cache: Mutex<Option<(Instant, Option<SystemTime>, HeaderValue)>>,
+}
+
+impl TokenFile {
+    fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            cache: Mutex::new(None),
+        }
+    }
+
+    fn bearer(&self) -> anyhow::Result<HeaderValue> {
+        let mut cache = self.cache.lock().expect("token cache poisoned");
+        if let Some((checked, _, value)) = cache.as_ref()
+            && checked.elapsed() < Duration::from_secs(1)
+        {
+            return Ok(value.clone());
+        }
+        let mtime = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if let Some((checked, seen, value)) = cache.as_mut()
+            && *seen == mtime
+            && mtime.is_some()
+        {
+            *checked = Instant::now();
+            return Ok(value.clone());
+        }
+        let token = std::fs::read_to_string(&self.path)
+            .map_err(|e| anyhow::anyhow!("reading token file {}: {e}", self.path.display()))?;
+        let mut value =
+            HeaderValue::from_str(&format!("Bearer {}", token.trim())).map_err(|_| {
+                anyhow::anyhow!("token file {} holds an invalid token", self.path.display())
+            })?;
+        value.set_sensitive(true);
+        *cache = Some((Instant::now(), mtime, value.clone()));
+        Ok(value)
+    }
+}
+
+// === helpers ===
+
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "host",
+];
+
+fn clean_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || n.starts_with("impersonate-") {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+fn empty() -> Body {
+    Full::new(Bytes::new())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A Kubernetes `Status` error response.
+pub fn status(code: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let reason = match code {
+        StatusCode::BAD_REQUEST => "BadRequest",
+        StatusCode::FORBIDDEN => "Forbidden",
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+        _ => "InternalError",
+    };
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message.into(), "reason": reason, "code": code.as_u16(),
+    });
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}

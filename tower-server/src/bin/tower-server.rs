@@ -1,0 +1,90 @@
+//! `tower-server`: runs the SSH listener for agents and the HTTPS gateway.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use tower_server::{Server, ServerConfig};
+
+/// Tower server: accepts agents over SSH and proxies clients to member clusters.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Address the SSH listener for agents binds.
+    #[arg(long, env = "TOWER_SSH_LISTEN", default_value = "0.0.0.0:7022")]
+    ssh_listen: String,
+    /// Address the HTTPS gateway binds.
+    #[arg(long, env = "TOWER_GATEWAY_LISTEN", default_value = "0.0.0.0:8443")]
+    gateway_listen: String,
+    /// State directory: CA, SSH host key, token store.
+    #[arg(long, env = "TOWER_STATE_DIR", default_value = "/var/lib/tower")]
+    state_dir: PathBuf,
+    /// URL clients use to reach the gateway; written into kubeconfigs.
+    #[arg(
+        long,
+        env = "TOWER_GATEWAY_URL",
+        default_value = "https://tower.kubesphere-system.svc:8443"
+    )]
+    gateway_url: String,
+    /// Extra DNS names or IPs for the gateway certificate (comma-separated).
+    #[arg(
+        long,
+        env = "TOWER_GATEWAY_HOSTS",
+        value_delimiter = ',',
+        default_value = "localhost,127.0.0.1,tower.kubesphere-system.svc"
+    )]
+    gateway_hosts: Vec<String>,
+    /// Keepalive interval towards agents, in seconds.
+    #[arg(long, env = "TOWER_KEEPALIVE_INTERVAL", default_value_t = 10.0)]
+    keepalive_interval: f64,
+    /// Unanswered keepalives before an agent is declared dead.
+    #[arg(long, env = "TOWER_KEEPALIVE_MAX", default_value_t = 3)]
+    keepalive_max: usize,
+    /// Print the bound ports on stdout (`ssh=… gateway=…`), for scripts binding port 0.
+    #[arg(long, env = "TOWER_PRINT_PORTS", hide = true)]
+    print_ports: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let mut config = ServerConfig::new(&args.state_dir, &args.gateway_url);
+    config.gateway_hosts = args.gateway_hosts;
+    config.keepalive_interval = Duration::from_secs_f64(args.keepalive_interval);
+    config.keepalive_max = args.keepalive_max;
+    let server = Server::open(config)
+        .with_context(|| format!("opening state dir {}", args.state_dir.display()))?;
+    let ssh = tokio::net::TcpListener::bind(&args.ssh_listen)
+        .await
+        .with_context(|| format!("binding SSH listener {}", args.ssh_listen))?;
+    let gateway = tokio::net::TcpListener::bind(&args.gateway_listen)
+        .await
+        .with_context(|| format!("binding gateway {}", args.gateway_listen))?;
+    if args.print_ports {
+        println!(
+            "ssh={} gateway={}",
+            ssh.local_addr()?.port(),
+            gateway.local_addr()?.port()
+        );
+    }
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    server.run(ssh, gateway, shutdown).await
+}

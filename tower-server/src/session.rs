@@ -1,0 +1,415 @@
+//! A connected agent ([`Session`]) and the registry of sessions by cluster.
+//!
+//! A session carries requests to the agent's upstreams over SSH
+//! `forwarded-tcpip` channels. With a Tower agent (hello advertised `h2`) each
+//! upstream gets one long-lived HTTP/2 connection over one channel: every
+//! request is an h2 stream with its own flow control, and the connection task
+//! keeps draining the channel, so a stalled consumer never blocks the others.
+//! Without a hello (a plain OpenSSH client standing in as agent) each request
+//! gets its own channel and one HTTP/1.1 exchange.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tower_proto::Hello;
+use tower_proto::names::CAP_H2;
+
+use crate::status::Body;
+
+/// Why a request could not be carried to the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum ForwardError {
+    #[error("the agent for cluster {cluster:?} does not serve {upstream}")]
+    NoUpstream { cluster: String, upstream: String },
+    #[error("could not open a tunnel channel to cluster {cluster:?}: {reason}")]
+    Channel { cluster: String, reason: String },
+    #[error("tunnel to cluster {cluster:?} failed: {source}")]
+    Http {
+        cluster: String,
+        #[source]
+        source: hyper::Error,
+    },
+}
+
+/// HTTP/2 windows inside the tunnel. The stream window bounds what one stalled
+/// consumer can hold; the connection window is large so that stalled streams
+/// never starve the others.
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+pub const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// One authenticated agent connection.
+pub struct Session {
+    pub id: u64,
+    pub cluster: String,
+    pub token_id: String,
+    pub peer: Option<SocketAddr>,
+    pub connected_since: SystemTime,
+    handle: russh::server::Handle,
+    state: Mutex<State>,
+    h2: tokio::sync::Mutex<HashMap<String, http2::SendRequest<Body>>>,
+    /// Cancelled when the SSH connection ends.
+    pub closed: CancellationToken,
+    open_channels: Arc<AtomicUsize>,
+}
+
+#[derive(Default)]
+struct State {
+    upstreams: BTreeMap<String, u32>,
+    hello: Option<Hello>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("cluster", &self.cluster)
+            .field("peer", &self.peer)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn new(
+        cluster: String,
+        token_id: String,
+        peer: Option<SocketAddr>,
+        handle: russh::server::Handle,
+    ) -> Self {
+        Self {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            cluster,
+            token_id,
+            peer,
+            connected_since: SystemTime::now(),
+            handle,
+            state: Mutex::default(),
+            h2: tokio::sync::Mutex::default(),
+            closed: CancellationToken::new(),
+            open_channels: Arc::default(),
+        }
+    }
+
+    pub fn add_upstream(&self, name: &str, port: u32) {
+        self.lock().upstreams.insert(name.to_string(), port);
+    }
+
+    pub fn remove_upstream(&self, name: &str) {
+        self.lock().upstreams.remove(name);
+    }
+
+    pub fn upstreams(&self) -> Vec<String> {
+        self.lock().upstreams.keys().cloned().collect()
+    }
+
+    pub fn set_hello(&self, hello: Hello) {
+        self.lock().hello = Some(hello);
+    }
+
+    pub fn hello(&self) -> Option<Hello> {
+        self.lock().hello.clone()
+    }
+
+    /// Whether requests travel as HTTP/2 streams (a Tower agent) rather than one
+    /// HTTP/1.1 exchange per channel (plain SSH client).
+    pub fn speaks_h2(&self) -> bool {
+        self.lock()
+            .hello
+            .as_ref()
+            .is_some_and(|h| h.capabilities.iter().any(|c| c == CAP_H2))
+    }
+
+    /// Number of tunnel channels currently open.
+    pub fn open_channels(&self) -> usize {
+        self.open_channels.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("session state poisoned")
+    }
+
+    /// Ends the SSH connection with a message the agent logs.
+    pub async fn disconnect(&self, why: &str) {
+        let _ = self
+            .handle
+            .disconnect(
+                russh::Disconnect::ByApplication,
+                why.to_string(),
+                "en".to_string(),
+            )
+            .await;
+        self.closed.cancel();
+    }
+
+    async fn open_channel(&self, upstream: &str) -> Result<TokioIo<ChannelIo>, ForwardError> {
+        let port = self
+            .lock()
+            .upstreams
+            .get(upstream)
+            .copied()
+            .ok_or_else(|| ForwardError::NoUpstream {
+                cluster: self.cluster.clone(),
+                upstream: upstream.to_string(),
+            })?;
+        let channel = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.handle
+                .channel_open_forwarded_tcpip(upstream, port, "127.0.0.1", 0),
+        )
+        .await
+        .map_err(|_| ForwardError::Channel {
+            cluster: self.cluster.clone(),
+            reason: "the agent did not answer within 10s".into(),
+        })?
+        .map_err(|e| ForwardError::Channel {
+            cluster: self.cluster.clone(),
+            reason: e.to_string(),
+        })?;
+        Ok(TokioIo::new(ChannelIo::new(
+            channel.into_stream(),
+            self.open_channels.clone(),
+        )))
+    }
+
+    /// Sends `req` (path-and-query URI, headers already cleaned) to `upstream`.
+    pub async fn send(
+        &self,
+        upstream: &str,
+        req: Request<Body>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        if self.speaks_h2() {
+            self.send_h2(upstream, req).await
+        } else {
+            self.send_h1(upstream, req).await
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        upstream: &str,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let mut sender = self.h2_sender(upstream).await?;
+        // h2 needs an absolute URI; the authority is the logical upstream name.
+        let pq = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        *req.uri_mut() = format!("https://{upstream}{pq}")
+            .parse()
+            .expect("upstream names and routed paths form valid URIs");
+        *req.version_mut() = http::Version::HTTP_2;
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| ForwardError::Http {
+                cluster: self.cluster.clone(),
+                source,
+            })
+    }
+
+    async fn h2_sender(&self, upstream: &str) -> Result<http2::SendRequest<Body>, ForwardError> {
+        let mut senders = self.h2.lock().await;
+        if let Some(sender) = senders.get_mut(upstream) {
+            if !sender.is_closed() && sender.ready().await.is_ok() {
+                return Ok(sender.clone());
+            }
+            senders.remove(upstream);
+        }
+        let io = self.open_channel(upstream).await?;
+        let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONN_WINDOW)
+            .max_frame_size(64 * 1024)
+            .max_concurrent_reset_streams(1024)
+            .handshake(io)
+            .await
+            .map_err(|source| ForwardError::Http {
+                cluster: self.cluster.clone(),
+                source,
+            })?;
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%cluster, error = %e, "tunnel h2 connection ended");
+            }
+        });
+        sender.ready().await.map_err(|source| ForwardError::Http {
+            cluster: self.cluster.clone(),
+            source,
+        })?;
+        senders.insert(upstream.to_string(), sender.clone());
+        Ok(sender)
+    }
+
+    async fn send_h1(
+        &self,
+        upstream: &str,
+        mut req: Request<Body>,
+    ) -> Result<Response<Incoming>, ForwardError> {
+        let io = self.open_channel(upstream).await?;
+        let (mut sender, conn) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|source| ForwardError::Http {
+                cluster: self.cluster.clone(),
+                source,
+            })?;
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(%cluster, error = %e, "tunnel h1 exchange ended");
+            }
+        });
+        *req.version_mut() = http::Version::HTTP_11;
+        req.headers_mut().insert(
+            http::header::HOST,
+            http::HeaderValue::from_str(upstream).expect("upstream names are valid header values"),
+        );
+        sender
+            .send_request(req)
+            .await
+            .map_err(|source| ForwardError::Http {
+                cluster: self.cluster.clone(),
+                source,
+            })
+    }
+}
+
+// === impl ChannelIo ===
+
+/// An SSH channel as a byte stream, counted while open.
+pub struct ChannelIo {
+    inner: russh::ChannelStream<russh::server::Msg>,
+    open: Arc<AtomicUsize>,
+}
+
+impl ChannelIo {
+    fn new(inner: russh::ChannelStream<russh::server::Msg>, open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Ordering::Relaxed);
+        Self { inner, open }
+    }
+}
+
+impl Drop for ChannelIo {
+    fn drop(&mut self) {
+        self.open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl tokio::io::AsyncRead for ChannelIo {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ChannelIo {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+// === impl Registry ===
+
+/// Live sessions by cluster name. At most one session per cluster: a new one
+/// replaces (and disconnects) the old.
+#[derive(Default)]
+pub struct Registry {
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Registry {
+    /// Adds `session`, returning the one it replaced.
+    pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
+        let old = self.lock().insert(session.cluster.clone(), session.clone());
+        self.changed.send_modify(|g| *g += 1);
+        old
+    }
+
+    /// Removes the session for `cluster` if it is still `id`.
+    pub fn remove(&self, cluster: &str, id: u64) {
+        let mut sessions = self.lock();
+        if sessions.get(cluster).is_some_and(|s| s.id == id) {
+            sessions.remove(cluster);
+            drop(sessions);
+            self.changed.send_modify(|g| *g += 1);
+        }
+    }
+
+    pub fn get(&self, cluster: &str) -> Option<Arc<Session>> {
+        self.lock().get(cluster).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// Notifies a change to observers (upstream added or removed).
+    pub fn touch(&self) {
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// Whether `cluster` has a session serving kube-apiserver.
+    pub fn is_connected(&self, cluster: &str) -> bool {
+        self.get(cluster).is_some_and(|s| {
+            s.upstreams()
+                .iter()
+                .any(|u| u == tower_proto::names::UPSTREAM_KUBE_APISERVER)
+        })
+    }
+
+    /// Waits until `is_connected(cluster) == want`, or `timeout`.
+    pub async fn wait_connected(&self, cluster: &str, want: bool, timeout: Duration) -> bool {
+        let mut rx = self.changed.subscribe();
+        let wait = async {
+            loop {
+                if self.is_connected(cluster) == want {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok() && self.is_connected(cluster) == want
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
+        self.sessions.lock().expect("registry poisoned")
+    }
+}
