@@ -173,6 +173,8 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
             HeaderName::from_static(METHOD_HEADER),
             HeaderValue::from_str(method.as_str()).expect("methods are valid header values"),
         );
+        // A CONNECT stream carries no request body; a length would end it early.
+        out.headers_mut().remove(header::CONTENT_LENGTH);
         *out.body_mut() = crate::status::empty();
     } else {
         out.headers_mut()

@@ -161,6 +161,17 @@ impl Session {
                 cluster: self.cluster.clone(),
                 upstream: upstream.to_string(),
             })?;
+        self.open_channel_unchecked(upstream, port).await
+    }
+
+    /// Opens a `forwarded-tcpip` channel for any name, whether or not the agent
+    /// offered it. The gateway never does this; tests use it to prove the agent
+    /// enforces its own allow-list.
+    pub async fn open_channel_unchecked(
+        &self,
+        upstream: &str,
+        port: u32,
+    ) -> Result<TokioIo<ChannelIo>, ForwardError> {
         let channel = tokio::time::timeout(
             Duration::from_secs(10),
             self.handle

@@ -126,6 +126,26 @@ impl FileStore {
         }
     }
 
+    /// Runs a read-modify-write of the token file under an exclusive lock, so
+    /// concurrent `towerctl` invocations do not lose each other's updates.
+    fn update<T>(
+        &self,
+        f: impl FnOnce(&mut Vec<TokenRecord>) -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let lock_path = self.path.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| anyhow::anyhow!("opening {}: {e}", lock_path.display()))?;
+        lock.lock()?;
+        let mut tokens = self.load()?;
+        let out = f(&mut tokens)?;
+        self.save(tokens)?;
+        Ok(out)
+    }
+
     fn save(&self, tokens: Vec<TokenRecord>) -> anyhow::Result<()> {
         let json = serde_json::to_string_pretty(&TokenFile { tokens })?;
         tower_certs::write(&self.path, &json, 0o600)?;
@@ -165,9 +185,10 @@ impl FileStore {
             },
             secret,
         };
-        let mut tokens = self.load()?;
-        tokens.push(record);
-        self.save(tokens)?;
+        self.update(|tokens| {
+            tokens.push(record);
+            Ok(())
+        })?;
         Ok(token)
     }
 
