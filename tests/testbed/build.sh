@@ -55,6 +55,6 @@ build "$kube_dir" kube k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cm
 for f in "$etcd_dir/etcd" "$kube_dir/kube-apiserver" "$kube_dir/kubectl"; do
   ln -sf "$f" "$bin/$(basename "$f")"
 done
-"$bin/etcd" --version | head -1 >&2
+"$bin/etcd" --version | sed -n 1p >&2
 "$bin/kube-apiserver" --version >&2
 echo "$bin"

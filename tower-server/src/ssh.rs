@@ -196,7 +196,15 @@ impl Handler for Connection {
             return Ok(Self::reject());
         }
         let (id, secret) = token::split_credential(password);
-        match self.shared.store.check(user, id, &secret) {
+        let mut verdict = self.shared.store.check(user, id, &secret);
+        if verdict == Verdict::Unknown {
+            // A token minted since the last periodic refresh works at once.
+            if let Err(e) = self.shared.store.refresh() {
+                tracing::warn!(error = %e, "token store refresh failed");
+            }
+            verdict = self.shared.store.check(user, id, &secret);
+        }
+        match verdict {
             Verdict::Valid { token_id } => {
                 self.authed = Some((user.to_string(), token_id, None));
                 Ok(Auth::Accept)

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Once, OnceLock};
 
 pub use bed::Testbed;
-pub use cluster::ControlPlane;
+pub use cluster::{ControlPlane, SERVICE_ACCOUNT_ISSUER};
 pub use process::Process;
 
 /// The directory holding `etcd`, `kube-apiserver` and `kubectl`.
