@@ -183,8 +183,7 @@ impl TowerAgent {
     ) -> AgentStatus {
         let mut rx = self.agent.status();
         let _ = tokio::time::timeout(timeout, rx.wait_for(|s| pred(s))).await;
-        let s = rx.borrow().clone();
-        s
+        rx.borrow().clone()
     }
 
     /// Ends the agent abruptly, as a crash would: its TCP connection is dropped
@@ -513,13 +512,13 @@ pub fn agent_bin() -> &'static Path {
             .status()
             .expect("running cargo build for tower-agent");
         assert!(status.success(), "building tower-agent failed");
-        // target/<profile>/deps/<test-exe> -> target/<profile>/tower-agent
+        // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
         let exe = std::env::current_exe().expect("current exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target profile dir");
-        let bin = profile_dir.join("tower-agent");
+        let dir = exe.parent().expect("exe dir");
+        let bin = [dir.join("tower-agent"), dir.join("../tower-agent")]
+            .into_iter()
+            .find(|p| p.exists())
+            .unwrap_or_else(|| dir.join("tower-agent"));
         assert!(bin.exists(), "{} missing after build", bin.display());
         bin
     })

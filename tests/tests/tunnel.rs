@@ -991,29 +991,74 @@ async fn openssh_client_stands_in_as_an_agent() {
     // kubectl proxy on the member side, authenticating with the service account.
     let proxy_port = testbed::free_port();
     let sa_kubeconfig = dir.path().join("sa-kubeconfig");
-    std::fs::write(&sa_kubeconfig, env.member.token_kubeconfig(&env.sa_token).unwrap()).unwrap();
+    std::fs::write(
+        &sa_kubeconfig,
+        env.member.token_kubeconfig(&env.sa_token).unwrap(),
+    )
+    .unwrap();
     let mut proxy = std::process::Command::new(testbed::kubectl_bin());
     proxy
         .arg(format!("--kubeconfig={}", sa_kubeconfig.display()))
-        .args(["proxy", "--address=127.0.0.1", &format!("--port={proxy_port}"), "--accept-hosts=^kube-apiserver$"]);
-    let _proxy = testbed::Process::spawn("kubectl-proxy", proxy, &dir.path().join("proxy.log")).unwrap();
+        .args([
+            "proxy",
+            "--address=127.0.0.1",
+            &format!("--port={proxy_port}"),
+            "--accept-hosts=^kube-apiserver$",
+        ]);
+    let _proxy =
+        testbed::Process::spawn("kubectl-proxy", proxy, &dir.path().join("proxy.log")).unwrap();
 
     // Pin the server's host key for ssh, and hand it the credential via SSH_ASKPASS.
-    let host_key = std::fs::read_to_string(env.server.state_dir.join(tower_server::HOST_KEY_FILE)).unwrap();
-    let public = tower_certs::HostKey::from_openssh(&host_key).unwrap().public_key().to_openssh().unwrap();
+    let host_key =
+        std::fs::read_to_string(env.server.state_dir.join(tower_server::HOST_KEY_FILE)).unwrap();
+    let public = tower_certs::HostKey::from_openssh(&host_key)
+        .unwrap()
+        .public_key()
+        .to_openssh()
+        .unwrap();
     let known_hosts = dir.path().join("known_hosts");
-    std::fs::write(&known_hosts, format!("[127.0.0.1]:{} {public}\n", env.server.ssh_addr.port())).unwrap();
+    std::fs::write(
+        &known_hosts,
+        format!("[127.0.0.1]:{} {public}\n", env.server.ssh_addr.port()),
+    )
+    .unwrap();
     let askpass = dir.path().join("askpass.sh");
     let cred_file = dir.path().join("credential");
     std::fs::write(&cred_file, token.credential().expose()).unwrap();
-    std::fs::write(&askpass, format!("#!/bin/sh\ncat '{}'\n", cred_file.display())).unwrap();
-    std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    std::fs::write(
+        &askpass,
+        format!("#!/bin/sh\ncat '{}'\n", cred_file.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &askpass,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .unwrap();
     let mut ssh = std::process::Command::new("ssh");
     ssh.args(["-N", "-T", "-F", "/dev/null"])
-        .args(["-o", &format!("UserKnownHostsFile={}", known_hosts.display())])
-        .args(["-o", "StrictHostKeyChecking=yes", "-o", "ExitOnForwardFailure=yes"])
-        .args(["-o", "PreferredAuthentications=password", "-o", "PubkeyAuthentication=no"])
-        .args(["-o", "ServerAliveInterval=1", "-o", "NumberOfPasswordPrompts=1"])
+        .args([
+            "-o",
+            &format!("UserKnownHostsFile={}", known_hosts.display()),
+        ])
+        .args([
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            "ExitOnForwardFailure=yes",
+        ])
+        .args([
+            "-o",
+            "PreferredAuthentications=password",
+            "-o",
+            "PubkeyAuthentication=no",
+        ])
+        .args([
+            "-o",
+            "ServerAliveInterval=1",
+            "-o",
+            "NumberOfPasswordPrompts=1",
+        ])
         .args(["-p", &env.server.ssh_addr.port().to_string()])
         .args(["-R", &format!("kube-apiserver:80:127.0.0.1:{proxy_port}")])
         .arg("shire@127.0.0.1")
@@ -1023,17 +1068,30 @@ async fn openssh_client_stands_in_as_an_agent() {
         .stdin(std::process::Stdio::null());
     let _ssh = testbed::Process::spawn("openssh", ssh, &dir.path().join("ssh.log")).unwrap();
     assert!(
-        env.server.wait_connected("shire", true, Duration::from_secs(15)).await,
+        env.server
+            .wait_connected("shire", true, Duration::from_secs(15))
+            .await,
         "OpenSSH client did not connect: {}",
         testbed::log_tail(&dir.path().join("ssh.log"), 20)
     );
     let session = env.server.server.registry().get("shire").unwrap();
-    assert!(!session.speaks_h2(), "no hello, so plain HTTP/1.1 per channel");
+    assert!(
+        !session.speaks_h2(),
+        "no hello, so plain HTTP/1.1 per channel"
+    );
 
     let kubeconfig = env.server.kubeconfig_file("shire").unwrap();
-    let ns = kubectl(&kubeconfig, &["get", "ns", "-o", "name"], None).await.unwrap();
+    let ns = kubectl(&kubeconfig, &["get", "ns", "-o", "name"], None)
+        .await
+        .unwrap();
     assert!(ns.contains("namespace/default"), "{ns}");
-    let version = kubectl(&kubeconfig, &["get", "--raw", "/version"], None).await.unwrap();
+    let version = kubectl(&kubeconfig, &["get", "--raw", "/version"], None)
+        .await
+        .unwrap();
     assert!(version.contains("v1.35"), "{version}");
-    assert_eq!(session.open_channels(), 0, "per-request channels are closed after use");
+    assert_eq!(
+        session.open_channels(),
+        0,
+        "per-request channels are closed after use"
+    );
 }

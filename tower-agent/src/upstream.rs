@@ -137,7 +137,7 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme and authority come from a valid base URL")
     }
 
-    fn headers(&self, incoming: &HeaderMap) -> Result<HeaderMap, Response<Body>> {
+    fn headers(&self, incoming: &HeaderMap) -> Result<HeaderMap, Box<Response<Body>>> {
         let mut headers = clean_headers(incoming);
         headers.remove(header::AUTHORIZATION);
         headers.remove(HeaderName::from_static(METHOD_HEADER));
@@ -161,7 +161,7 @@ impl Upstream {
             .uri(self.target(&parts.uri))
             .body(body.boxed_unsync())
             .expect("valid request parts");
-        *out.headers_mut() = self.headers(&parts.headers)?;
+        *out.headers_mut() = self.headers(&parts.headers).map_err(|r| *r)?;
         let resp = self
             .client
             .request(out)
@@ -190,7 +190,7 @@ impl Upstream {
             .uri(self.target(req.uri()))
             .body(empty())
             .expect("valid request parts");
-        *out.headers_mut() = self.headers(req.headers())?;
+        *out.headers_mut() = self.headers(req.headers()).map_err(|r| *r)?;
         out.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         out.headers_mut().insert(
