@@ -500,28 +500,35 @@ pub fn log_file() -> Option<PathBuf> {
     LOG_FILE.get().cloned()
 }
 
-/// The `tower-agent` binary, built on first use (a no-op when it is fresh).
-pub fn agent_bin() -> &'static Path {
-    static BIN: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .current_dir(&root)
-            .args(["build", "-q", "-p", "tower-agent", "--bin", "tower-agent"])
-            .status()
-            .expect("running cargo build for tower-agent");
-        assert!(status.success(), "building tower-agent failed");
-        // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
-        let exe = std::env::current_exe().expect("current exe");
-        let dir = exe.parent().expect("exe dir");
-        let bin = [dir.join("tower-agent"), dir.join("../tower-agent")]
-            .into_iter()
-            .find(|p| p.exists())
-            .unwrap_or_else(|| dir.join("tower-agent"));
-        assert!(bin.exists(), "{} missing after build", bin.display());
-        bin
-    })
+/// A binary of this workspace, built on first use (a no-op when it is fresh).
+pub fn workspace_bin(package: &str, name: &str) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<(String, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().expect("poisoned");
+    if let Some((_, p)) = built.iter().find(|(n, _)| n == name) {
+        return p.clone();
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "-q", "-p", package, "--bin", name])
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "building {name} failed");
+    // Tests run from target/<profile>/deps/, binaries from target/<profile>/.
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().expect("exe dir");
+    let bin = [dir.join(name), dir.join("..").join(name)]
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap_or_else(|| panic!("{name} missing after build next to {}", dir.display()));
+    built.push((name.to_string(), bin.clone()));
+    bin
+}
+
+/// The `tower-agent` binary.
+pub fn agent_bin() -> PathBuf {
+    workspace_bin("tower-agent", "tower-agent")
 }
 
 /// Starts the real `tower-agent` binary for `member` as a child process.

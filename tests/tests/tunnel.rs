@@ -940,3 +940,85 @@ async fn openssh_client_stands_in_as_an_agent() {
         "per-request channels are closed after use"
     );
 }
+
+/// `towerctl` against the server's state dir: mint a token, list, print a
+/// kubeconfig, revoke; the real agent binary connects with the minted token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn towerctl_mints_lists_and_revokes() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let towerctl = fixture::workspace_bin("tower-server", "towerctl");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&towerctl)
+            .arg("--state-dir")
+            .arg(&env.server.state_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let server_addr = env.server.ssh_addr.to_string();
+    let (ok, token, err) = run(&["token", "mirkwood", "--server", &server_addr, "--ttl", "1h"]);
+    assert!(ok, "{err}");
+    let parsed = tower_proto::JoinToken::parse(&token).unwrap();
+    assert_eq!(
+        parsed.claims.host_key,
+        env.server.server.host_key_fingerprint()
+    );
+    assert!(!err.contains(parsed.secret.expose()), "secret on stderr");
+    let (ok, list, _) = run(&["tokens"]);
+    assert!(
+        ok && list.contains("mirkwood") && list.contains(&parsed.claims.id),
+        "{list}"
+    );
+    assert!(!list.contains(parsed.secret.expose()), "secret listed");
+    let (ok, kubeconfig, err) = run(&[
+        "kubeconfig",
+        "mirkwood",
+        "--gateway-url",
+        &env.server.gateway_url(),
+    ]);
+    assert!(ok, "{err}");
+    let kubeconfig_file = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig_file, kubeconfig).unwrap();
+
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let _agent = fixture::spawn_agent_process(
+        &token_file,
+        &env.member,
+        &env.sa_token_file,
+        &dir.path().join("agent.log"),
+    )
+    .unwrap();
+    assert!(
+        env.server
+            .wait_connected("mirkwood", true, Duration::from_secs(20))
+            .await
+    );
+    let ns = kubectl(&kubeconfig_file, &["get", "ns", "-o", "name"], None)
+        .await
+        .unwrap();
+    assert!(ns.contains("namespace/default"));
+
+    let (ok, out, err) = run(&["revoke", "mirkwood"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("revoked 1"), "{out}");
+    assert!(
+        env.server
+            .wait_connected("mirkwood", false, Duration::from_secs(5))
+            .await,
+        "revocation did not end the session"
+    );
+    let (ok, _, err) = run(&["revoke", "mirkwood"]);
+    assert!(!ok && err.contains("no active token"), "{err}");
+    // Bad input gets a clear error.
+    let (ok, _, err) = run(&["token", "Bad_Name", "--server", &server_addr]);
+    assert!(!ok && err.contains("not a valid DNS label"), "{err}");
+    let (ok, _, err) = run(&["token", "x", "--server", &server_addr, "--ttl", "5y"]);
+    assert!(!ok && err.contains("TTL"), "{err}");
+}
