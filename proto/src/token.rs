@@ -2,7 +2,9 @@
 //!
 //! Format: `tower1.<base64url(JSON claims)>.<base64url(secret)>`. The claims are
 //! public (servers, host-key fingerprint, cluster, token id, expiry); the secret is
-//! 32 bytes from the OS CSPRNG. The server stores only SHA-256 of the secret.
+//! 32 bytes from the OS CSPRNG, base64url-encoded (a KubeSphere-set
+//! `spec.connection.token` of at least 22 such characters is accepted too). The
+//! server stores only SHA-256 of the secret.
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -10,8 +12,9 @@ use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
 const PREFIX: &str = "tower1";
-/// Minimum secret length in bytes (128 bits).
-pub const MIN_SECRET_BYTES: usize = 16;
+/// Minimum secret length in characters of the base64url alphabet
+/// (22 characters carry at least 128 bits when drawn from a CSPRNG).
+pub const MIN_SECRET_CHARS: usize = 22;
 /// Longest token accepted by the parser, to bound work on hostile input.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
@@ -135,10 +138,15 @@ impl JoinToken {
             .map_err(|_| TokenError::Malformed("claims are not base64url"))?;
         let claims: Claims = serde_json::from_slice(&claims)
             .map_err(|_| TokenError::Malformed("claims are not valid JSON"))?;
-        let raw = URL_SAFE_NO_PAD
-            .decode(secret)
-            .map_err(|_| TokenError::Malformed("secret is not base64url"))?;
-        if raw.len() < MIN_SECRET_BYTES {
+        if !secret
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(TokenError::Malformed(
+                "secret must use the base64url alphabet",
+            ));
+        }
+        if secret.len() < MIN_SECRET_CHARS {
             return Err(TokenError::WeakSecret);
         }
         if claims.servers.is_empty() {

@@ -556,3 +556,307 @@ pub fn spawn_agent_process(
         .env("RUST_LOG", "info");
     crate::testbed::Process::spawn("tower-agent", cmd, log)
 }
+
+/// A Tower server in Kubernetes mode against a test-bed host cluster, started
+/// in-process on loopback. Its tasks live on the runtime that started it.
+pub struct KubeTowerServer {
+    pub ssh_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub namespace: String,
+    shutdown: CancellationToken,
+}
+
+impl KubeTowerServer {
+    /// Applies the chart's CRDs to `host`, creates the namespace, and starts the
+    /// server with its controller. `tune` adjusts the controller settings.
+    pub async fn start(
+        host: &ControlPlane,
+        dir: &Path,
+        replica: &str,
+        tune: impl FnOnce(&mut tower_server::controller::ControllerConfig),
+    ) -> anyhow::Result<Self> {
+        install_crypto_provider();
+        let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tower-server/crds");
+        host.run_kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()], None)
+            .await?;
+        host.run_kubectl(
+            &["wait", "--for=condition=Established", "crd/clusters.cluster.kubesphere.io", "crd/agents.tower.kubesphere.io"],
+            None,
+        )
+        .await?;
+        let namespace = "kubesphere-system".to_string();
+        let _ = host.run_kubectl(&["create", "namespace", &namespace], None).await;
+        let ssh = TcpListener::bind("127.0.0.1:0").await?;
+        let gateway = TcpListener::bind("127.0.0.1:0").await?;
+        let ssh_addr = ssh.local_addr()?;
+        let gateway_addr = gateway.local_addr()?;
+        let mut config = ServerConfig::new(dir.join(replica), format!("https://{gateway_addr}"));
+        config.keepalive_interval = TEST_KEEPALIVE;
+        config.keepalive_max = TEST_KEEPALIVE_MAX;
+        config.store_poll = Duration::from_millis(250);
+        let mut ctrl = tower_server::controller::ControllerConfig::new(&namespace, replica);
+        ctrl.ssh_addresses = vec![ssh_addr.to_string()];
+        ctrl.lease_renew = Duration::from_secs(1);
+        ctrl.lease_duration = Duration::from_secs(4);
+        tune(&mut ctrl);
+        let client = host.client().await?;
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) =
+                tower_server::run_with_kubernetes(config, ctrl, client, ssh, gateway, stop).await
+            {
+                tracing::error!(error = %e, "kubernetes-mode server failed");
+            }
+        });
+        Ok(Self {
+            ssh_addr,
+            gateway_addr,
+            namespace,
+            shutdown,
+        })
+    }
+
+    pub fn stop(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+impl Drop for KubeTowerServer {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// Polls `probe` every 100 ms until it returns `Some`, or `timeout`.
+pub async fn eventually<T, F, Fut>(timeout: Duration, mut probe: F) -> Option<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return Some(v);
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+// === faults and abuse: configured servers, server processes, counters ===
+
+impl TowerServer {
+    /// Like [`TowerServer::start`], with `configure` applied to the test
+    /// settings first (timeouts, caps). [`TowerServer::restart`] goes back to
+    /// the plain test settings.
+    pub async fn start_configured(
+        state_dir: &Path,
+        configure: impl FnOnce(&mut ServerConfig),
+    ) -> anyhow::Result<Self> {
+        install_crypto_provider();
+        let ssh = TcpListener::bind("127.0.0.1:0").await?;
+        let gateway = TcpListener::bind("127.0.0.1:0").await?;
+        let ssh_addr = ssh.local_addr()?;
+        let gateway_addr = gateway.local_addr()?;
+        let mut config = ServerConfig::new(state_dir, format!("https://{gateway_addr}"));
+        config.keepalive_interval = TEST_KEEPALIVE;
+        config.keepalive_max = TEST_KEEPALIVE_MAX;
+        config.store_poll = Duration::from_millis(250);
+        configure(&mut config);
+        let server = Server::open(config)?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(server.clone().run(ssh, gateway, shutdown.clone()));
+        Ok(Self {
+            server,
+            state_dir: state_dir.to_path_buf(),
+            ssh_addr,
+            gateway_addr,
+            shutdown,
+            task: Some(task),
+        })
+    }
+
+    /// The client identity of this server's kubeconfig for `cluster`.
+    pub fn identity(&self, cluster: &str) -> anyhow::Result<raw::Identity> {
+        identity_from_kubeconfig(&self.server.kubeconfig(cluster)?)
+    }
+}
+
+/// Mints a join token in the state dir `state_dir` (as `towerctl token` does)
+/// that sends the agent to `servers`, e.g. a relay in front of the server.
+pub fn mint_in(
+    state_dir: &Path,
+    cluster: &str,
+    servers: Vec<String>,
+    ttl: Option<Duration>,
+) -> anyhow::Result<JoinToken> {
+    let host_key =
+        tower_certs::HostKey::load_or_create(&state_dir.join(tower_server::HOST_KEY_FILE))?;
+    FileStore::open(state_dir)?.mint(cluster, servers, host_key.fingerprint(), ttl)
+}
+
+/// The real `tower-server` binary as a child process (killable with -9), with
+/// the test keepalive and debug logs.
+pub struct ServerProcess {
+    pub process: crate::testbed::Process,
+    pub state_dir: PathBuf,
+    pub ssh_addr: SocketAddr,
+    pub gateway_addr: SocketAddr,
+    pub log: PathBuf,
+    /// The state dir opened in-process: CA (for client identities), kubeconfigs.
+    pub view: Server,
+}
+
+impl ServerProcess {
+    /// Creates the state in `state_dir` (CA, host key) and starts the binary on
+    /// fresh loopback ports.
+    pub async fn start(state_dir: &Path, log: &Path) -> anyhow::Result<Self> {
+        install_crypto_provider();
+        let view = Server::open(ServerConfig::new(state_dir, "https://127.0.0.1"))?;
+        let (process, ssh_addr, gateway_addr) = Self::spawn(state_dir, log, None).await?;
+        Ok(Self {
+            process,
+            state_dir: state_dir.to_path_buf(),
+            ssh_addr,
+            gateway_addr,
+            log: log.to_path_buf(),
+            view,
+        })
+    }
+
+    async fn spawn(
+        state_dir: &Path,
+        log: &Path,
+        ports: Option<(SocketAddr, SocketAddr)>,
+    ) -> anyhow::Result<(crate::testbed::Process, SocketAddr, SocketAddr)> {
+        let bin = workspace_bin("tower-server", "tower-server");
+        let (ssh, gateway) = ports.map_or_else(
+            || ("127.0.0.1:0".to_string(), "127.0.0.1:0".to_string()),
+            |(s, g)| (s.to_string(), g.to_string()),
+        );
+        let mut last = None;
+        for _ in 0..20 {
+            let offset = std::fs::metadata(log).map_or(0, |m| m.len());
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.arg("--state-dir")
+                .arg(state_dir)
+                .args(["--ssh-listen", &ssh, "--gateway-listen", &gateway])
+                .args(["--gateway-url", "https://127.0.0.1"])
+                .args(["--keepalive-interval", &TEST_KEEPALIVE.as_secs_f64().to_string()])
+                .args(["--keepalive-max", &TEST_KEEPALIVE_MAX.to_string()])
+                .arg("--print-ports")
+                .env(
+                    "RUST_LOG",
+                    "debug,h2=info,hyper=info,hyper_util=info,rustls=info,tokio_rustls=info",
+                );
+            let mut process = crate::testbed::Process::spawn("tower-server", cmd, log)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline && process.is_running() {
+                let fresh = std::fs::read(log)
+                    .map(|b| {
+                        String::from_utf8_lossy(&b[(offset as usize).min(b.len())..]).into_owned()
+                    })
+                    .unwrap_or_default();
+                if let Some(line) = fresh.lines().find(|l| l.starts_with("ssh=")) {
+                    let port = |key: &str| -> anyhow::Result<u16> {
+                        let v = line
+                            .split_whitespace()
+                            .find_map(|kv| kv.strip_prefix(key))
+                            .context("no port")?;
+                        Ok(v.parse()?)
+                    };
+                    let ssh_addr = SocketAddr::from(([127, 0, 0, 1], port("ssh=")?));
+                    let gateway_addr = SocketAddr::from(([127, 0, 0, 1], port("gateway=")?));
+                    return Ok((process, ssh_addr, gateway_addr));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            last = Some(crate::testbed::log_tail(log, 20));
+            process.kill9();
+            // A port still held (ports given): try again shortly.
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        anyhow::bail!(
+            "tower-server did not start; log tail:\n{}",
+            last.unwrap_or_default()
+        )
+    }
+
+    /// kill -9.
+    pub fn kill9(&mut self) {
+        self.process.kill9();
+    }
+
+    /// Starts the binary again with the same state and ports.
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.process.kill9();
+        let (process, _, _) = Self::spawn(
+            &self.state_dir,
+            &self.log,
+            Some((self.ssh_addr, self.gateway_addr)),
+        )
+        .await?;
+        self.process = process;
+        Ok(())
+    }
+
+    /// Mints a join token for `cluster` pointing at this server.
+    pub fn mint(&self, cluster: &str, ttl: Option<Duration>) -> anyhow::Result<JoinToken> {
+        mint_in(&self.state_dir, cluster, vec![self.ssh_addr.to_string()], ttl)
+    }
+
+    /// The client identity of a kubeconfig for `cluster`.
+    pub fn identity(&self, cluster: &str) -> anyhow::Result<raw::Identity> {
+        identity_from_kubeconfig(&self.view.kubeconfig(cluster)?)
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        self.view.ca_pem()
+    }
+
+    /// Open file descriptors of the server process.
+    pub fn fds(&self) -> usize {
+        fd_count(Some(self.process.pid()))
+    }
+}
+
+/// Open file descriptors of process `pid` (this process when `None`).
+pub fn fd_count(pid: Option<u32>) -> usize {
+    let dir = match pid {
+        Some(pid) => format!("/proc/{pid}/fd"),
+        None => "/proc/self/fd".to_string(),
+    };
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// An HTTP/2 connection to the gateway with a client identity.
+pub async fn gateway_h2(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: &raw::Identity,
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>> {
+    let tls = raw::connect(addr, ca_pem, Some(identity), true).await?;
+    let (sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_header_list_size(1024 * 1024)
+            .handshake(hyper_util::rt::TokioIo::new(tls))
+            .await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// An HTTP/1.1 connection to the gateway with a client identity.
+pub async fn gateway_h1(
+    addr: SocketAddr,
+    ca_pem: &str,
+    identity: &raw::Identity,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>> {
+    let tls = raw::connect(addr, ca_pem, Some(identity), false).await?;
+    let (sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
+    tokio::spawn(conn.with_upgrades());
+    Ok(sender)
+}

@@ -35,6 +35,10 @@ pub use upstream::{Upstream, UpstreamConfig};
 /// stream, generous per connection).
 const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
+/// Header list the agent accepts inside the tunnel: above the gateway's own
+/// limit (256 KiB), so that oversized requests are refused at the gateway with
+/// a clear status and never half-way through the tunnel.
+const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 
 /// Where the join token comes from. A file is re-read on every reconnect.
 #[derive(Clone)]
@@ -238,7 +242,13 @@ impl Agent {
         let config = Arc::new(client::Config {
             keepalive_interval: Some(self.config.keepalive_interval),
             keepalive_max: self.config.keepalive_max,
-            inactivity_timeout: None,
+            // Keepalives find a silent server only while russh's session loop
+            // runs; a write blocked on a blackholed server (full socket
+            // buffers) would wait for TCP to give up, minutes later. This bounds
+            // it. A live server answers keepalives, so idle sessions never hit it.
+            inactivity_timeout: Some(
+                self.config.keepalive_interval * (self.config.keepalive_max as u32 + 2),
+            ),
             window_size: 8 * 1024 * 1024,
             maximum_packet_size: 32 * 1024,
             channel_buffer_size: 256,
@@ -461,6 +471,7 @@ async fn serve_channel(channel: Channel<Msg>, upstream: Arc<Upstream>) {
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(H2_CONN_WINDOW)
         .max_frame_size(64 * 1024)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
         .max_concurrent_streams(10_000)
         .serve_connection(io, service)
         .await;

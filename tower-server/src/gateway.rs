@@ -28,6 +28,14 @@ use crate::status::{Body, status};
 /// Header carrying an upgrade request's original method inside extended CONNECT.
 pub const METHOD_HEADER: &str = "x-tower-method";
 
+/// Longest request target (path and query) the gateway forwards. It matches
+/// hyper's own HTTP/1.1 limit, so HTTP/2 clients meet the same one.
+pub const MAX_URI_LEN: usize = u16::MAX as usize - 1;
+/// Largest request head: HTTP/1.1 read buffer and HTTP/2 header list.
+pub const MAX_HEADER_BYTES: usize = 256 * 1024;
+/// Most header fields in one HTTP/1.1 request (hyper's default, made explicit).
+pub const MAX_HEADERS: usize = 100;
+
 /// Builds the gateway's rustls config: tower CA verifies client certificates.
 pub(crate) fn tls_config(
     ca_pem: &str,
@@ -74,9 +82,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(socket))
-                .await
-            {
+            let tls_timeout = shared.config.gateway_tls_timeout;
+            let tls = match tokio::time::timeout(tls_timeout, acceptor.accept(socket)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "gateway TLS handshake refused");
@@ -88,15 +95,24 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
                 }
             };
             let mut builder = auto::Builder::new(TokioExecutor::new());
+            // Slowloris: HTTP/1.1 heads must arrive within the header read
+            // timeout (hyper answers nothing and closes). Once a head is read
+            // the timer stops, so watches and upgraded streams are not cut.
+            // Oversized heads get hyper's 431 / 414 and a close.
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .max_buf_size(256 * 1024);
+                .header_read_timeout(shared.config.gateway_header_read_timeout)
+                .max_headers(MAX_HEADERS)
+                .max_buf_size(MAX_HEADER_BYTES);
+            // HTTP/2 pings find clients that vanished without closing, so their
+            // watches do not hold tunnel streams forever.
             builder
                 .http2()
                 .timer(TokioTimer::new())
-                .max_header_list_size(256 * 1024)
+                .keep_alive_interval(Duration::from_secs(30))
+                .keep_alive_timeout(Duration::from_secs(20))
+                .max_header_list_size(MAX_HEADER_BYTES as u32)
                 .initial_stream_window_size(crate::session::H2_STREAM_WINDOW)
                 .initial_connection_window_size(crate::session::H2_CONN_WINDOW)
                 .max_concurrent_streams(2000);
@@ -117,6 +133,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if target_len > MAX_URI_LEN {
+        return status(
+            StatusCode::URI_TOO_LONG,
+            format!("request URI is {target_len} bytes; the gateway accepts at most {MAX_URI_LEN}"),
+        );
+    }
     let route = match route(req.uri().path(), req.uri().query()) {
         Ok(r) => r,
         Err(RouteError::NotACluster) => {

@@ -15,8 +15,19 @@ pub fn render(
     cluster: &str,
     user: &ClientIdentity,
 ) -> anyhow::Result<String> {
-    let client = ca.issue_client(user, CLIENT_CERT_VALIDITY)?;
-    let server = format!("{}/clusters/{cluster}", gateway_url.trim_end_matches('/'));
+    render_with_validity(ca, gateway_url, cluster, user, CLIENT_CERT_VALIDITY)
+}
+
+/// Like [`render`], with a chosen client-certificate lifetime.
+pub fn render_with_validity(
+    ca: &Ca,
+    gateway_url: &str,
+    cluster: &str,
+    user: &ClientIdentity,
+    validity: Duration,
+) -> anyhow::Result<String> {
+    let client = ca.issue_client(user, validity)?;
+    let server = server_url(gateway_url, cluster);
     let user_name = format!("tower-{cluster}");
     let doc = serde_json::json!({
         "apiVersion": "v1",
@@ -51,4 +62,67 @@ pub fn default_identity(cluster: &str) -> ClientIdentity {
         common_name: format!("tower:{cluster}"),
         organizations: vec!["tower:clients".into()],
     }
+}
+
+/// The server URL for `cluster` through the gateway at `gateway_url`.
+pub fn server_url(gateway_url: &str, cluster: &str) -> String {
+    format!("{}/clusters/{cluster}", gateway_url.trim_end_matches('/'))
+}
+
+/// Whether `yaml` is a kubeconfig this gateway would still issue: same server
+/// URL and CA, and a client certificate from `ca` valid for at least
+/// `min_remaining`. Used to keep kubeconfigs stable instead of re-minting them.
+pub fn still_good(
+    yaml: &[u8],
+    ca: &Ca,
+    gateway_url: &str,
+    cluster: &str,
+    min_remaining: Duration,
+) -> bool {
+    use ::base64::Engine;
+    let Ok(doc) = yaml_serde::from_slice::<serde_json::Value>(yaml) else {
+        return false;
+    };
+    let b64 = |v: &serde_json::Value| {
+        v.as_str()
+            .and_then(|s| ::base64::engine::general_purpose::STANDARD.decode(s).ok())
+    };
+    let cluster_entry = &doc["clusters"][0]["cluster"];
+    if cluster_entry["server"].as_str() != Some(server_url(gateway_url, cluster).as_str()) {
+        return false;
+    }
+    if b64(&cluster_entry["certificate-authority-data"]).as_deref()
+        != Some(ca.cert_pem().as_bytes())
+    {
+        return false;
+    }
+    let Some(cert_pem) = b64(&doc["users"][0]["user"]["client-certificate-data"]) else {
+        return false;
+    };
+    let Ok(ders) = tower_certs::parse_certs(&String::from_utf8_lossy(&cert_pem)) else {
+        return false;
+    };
+    let Ok(ca_ders) = tower_certs::parse_certs(ca.cert_pem()) else {
+        return false;
+    };
+    let (Some(der), Some(ca_der)) = (ders.first(), ca_ders.first()) else {
+        return false;
+    };
+    let (Ok((_, cert)), Ok((_, ca_cert))) = (
+        x509_parser::parse_x509_certificate(der),
+        x509_parser::parse_x509_certificate(ca_der),
+    ) else {
+        return false;
+    };
+    if cert.issuer().as_raw() != ca_cert.subject().as_raw() {
+        return false;
+    }
+    if cert.verify_signature(Some(ca_cert.public_key())).is_err() {
+        return false;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    cert.validity().not_after.timestamp() - now > min_remaining.as_secs() as i64
 }

@@ -9,8 +9,13 @@
 //! `main.rs` stays thin: tests bind `127.0.0.1:0` and call [`Server::run`].
 #![forbid(unsafe_code)]
 
+pub mod controller;
+pub mod crd;
 pub mod gateway;
+pub mod kube_state;
+pub mod kube_store;
 pub mod kubeconfig;
+pub mod lease;
 pub mod route;
 pub mod session;
 pub mod ssh;
@@ -45,6 +50,19 @@ pub struct ServerConfig {
     pub store_poll: Duration,
     /// Concurrent SSH connections accepted (authenticated or not).
     pub max_ssh_connections: usize,
+    /// An SSH connection that has not authenticated within this is cut.
+    pub ssh_auth_timeout: Duration,
+    /// Concurrent SSH connections not yet authenticated, overall.
+    pub max_unauthenticated_ssh: usize,
+    /// Concurrent SSH connections not yet authenticated, per source (an IPv4
+    /// address or an IPv6 /64).
+    pub max_unauthenticated_ssh_per_source: usize,
+    /// A gateway client must finish its TLS handshake within this.
+    pub gateway_tls_timeout: Duration,
+    /// An HTTP/1.1 gateway client must send a request's headers within this
+    /// (also the idle limit between keep-alive requests). Bodies, watches and
+    /// upgraded streams are not bound by it.
+    pub gateway_header_read_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -57,6 +75,11 @@ impl ServerConfig {
             keepalive_max: 3,
             store_poll: Duration::from_secs(1),
             max_ssh_connections: 10_000,
+            ssh_auth_timeout: Duration::from_secs(20),
+            max_unauthenticated_ssh: 256,
+            max_unauthenticated_ssh_per_source: 32,
+            gateway_tls_timeout: Duration::from_secs(10),
+            gateway_header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -181,4 +204,30 @@ async fn recheck_tokens(shared: Arc<Shared>, shutdown: CancellationToken) {
             }
         }
     }
+}
+
+/// Runs the server wired to Kubernetes: identity from Secrets, tokens from
+/// proxy Clusters and Agents, and the controller that writes kubeconfigs and
+/// conditions back. `config.state_dir` is used as a scratch copy of the identity.
+pub async fn run_with_kubernetes(
+    config: ServerConfig,
+    controller_config: controller::ControllerConfig,
+    client: kube::Client,
+    ssh: TcpListener,
+    gateway: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    kube_state::sync_identity(&client, &controller_config.namespace, &config.state_dir).await?;
+    let store = Arc::new(kube_store::KubeTokenStore::default());
+    let server = Server::with_store(config, store.clone())?;
+    let ctrl = tokio::spawn(controller::run(
+        server.clone(),
+        client,
+        store,
+        controller_config,
+        shutdown.clone(),
+    ));
+    server.run(ssh, gateway, shutdown).await?;
+    ctrl.await??;
+    Ok(())
 }

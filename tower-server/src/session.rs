@@ -67,6 +67,8 @@ pub struct Session {
 struct State {
     upstreams: BTreeMap<String, u32>,
     hello: Option<Hello>,
+    /// Round trip of the last tunnel channel open.
+    rtt: Option<Duration>,
 }
 
 impl std::fmt::Debug for Session {
@@ -129,6 +131,11 @@ impl Session {
             .is_some_and(|h| h.capabilities.iter().any(|c| c == CAP_H2))
     }
 
+    /// Round trip of the last tunnel channel open (an SSH request/confirmation).
+    pub fn rtt(&self) -> Option<Duration> {
+        self.lock().rtt
+    }
+
     /// Number of tunnel channels currently open.
     pub fn open_channels(&self) -> usize {
         self.open_channels.load(Ordering::Relaxed)
@@ -172,6 +179,7 @@ impl Session {
         upstream: &str,
         port: u32,
     ) -> Result<TokioIo<ChannelIo>, ForwardError> {
+        let started = std::time::Instant::now();
         let channel = tokio::time::timeout(
             Duration::from_secs(10),
             self.handle
@@ -186,6 +194,7 @@ impl Session {
             cluster: self.cluster.clone(),
             reason: e.to_string(),
         })?;
+        self.lock().rtt = Some(started.elapsed());
         Ok(TokioIo::new(ChannelIo::new(
             channel.into_stream(),
             self.open_channels.clone(),
@@ -388,6 +397,11 @@ impl Registry {
 
     pub fn all(&self) -> Vec<Arc<Session>> {
         self.lock().values().cloned().collect()
+    }
+
+    /// A receiver that changes whenever a session comes, goes or changes upstreams.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Notifies a change to observers (upstream added or removed).

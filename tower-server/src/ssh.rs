@@ -15,6 +15,7 @@ use russh::server::{Auth, ChannelOpenHandle, Handler, Msg, Session as SshSession
 use russh::{Channel, ChannelId, ChannelOpenFailure, MethodKind, MethodSet};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 use tower_proto::hello::{self, ProtocolVersion, Refusal, Reply, Welcome};
 use tower_proto::names::{CAP_H2, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS};
 use tower_proto::{Hello, token};
@@ -32,7 +33,13 @@ pub(crate) fn config(shared: &Shared) -> russh::server::Config {
         keys: vec![shared.host_key.private_key().clone()],
         keepalive_interval: Some(shared.config.keepalive_interval),
         keepalive_max: shared.config.keepalive_max,
-        inactivity_timeout: None,
+        // Keepalives detect a silent peer only while the session loop runs; a
+        // write blocked on a blackholed peer (full socket buffers) is bounded
+        // by this instead. A live agent answers keepalives, so an idle session
+        // never reaches it.
+        inactivity_timeout: Some(
+            shared.config.keepalive_interval * (shared.config.keepalive_max as u32 + 2),
+        ),
         max_auth_attempts: 3,
         nodelay: true,
         window_size: 8 * 1024 * 1024,
@@ -43,15 +50,28 @@ pub(crate) fn config(shared: &Shared) -> russh::server::Config {
 }
 
 /// Accepts agent connections until `shutdown` fires.
+///
+/// Every connection holds a slot of `max_ssh_connections`. Until it
+/// authenticates it also holds an *unauthenticated* slot, capped overall and
+/// per source ([`Admission`]), and it must authenticate within
+/// `ssh_auth_timeout` or it is cut. russh's `run_stream` has no deadline of its
+/// own (with no inactivity timeout it waits forever for a client's version
+/// line), so garbage, half-open and slow-drip connections would otherwise pile
+/// up without bound.
 pub(crate) async fn serve(
     shared: Arc<Shared>,
     listener: TcpListener,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: CancellationToken,
 ) {
     let config = Arc::new(config(&shared));
     let limit = Arc::new(tokio::sync::Semaphore::new(
         shared.config.max_ssh_connections,
     ));
+    let admission = Arc::new(Admission::new(
+        shared.config.max_unauthenticated_ssh,
+        shared.config.max_unauthenticated_ssh_per_source,
+    ));
+    let dropped = Throttled::default();
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -65,32 +85,324 @@ pub(crate) async fn serve(
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "ssh connection limit reached; dropping connection");
+            dropped.warn(peer, "ssh connection limit reached; dropping connections");
+            continue;
+        };
+        let Some(pending) = admission.admit(peer.ip()) else {
+            dropped.warn(
+                peer,
+                "too many unauthenticated ssh connections (overall or from this source); dropping connections",
+            );
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let handler = Connection::new(shared.clone(), Some(peer));
-        let config = config.clone();
-        let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let running = match russh::server::run_stream(config, socket, handler).await {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::debug!(%peer, error = %e, "ssh handshake failed");
-                    return;
-                }
-            };
-            let handle = running.handle();
-            tokio::select! {
-                r = running => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "ssh connection ended with error");
-                },
-                _ = shutdown.cancelled() => {
-                    let _ = handle.disconnect(russh::Disconnect::ByApplication, "server shutting down".into(), "en".into()).await;
+        tokio::spawn(connection(
+            shared.clone(),
+            config.clone(),
+            socket,
+            peer,
+            (permit, pending),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// Runs one SSH connection: cuts it if it has not authenticated by the
+/// deadline, and on shutdown after a short grace for the disconnect message.
+async fn connection(
+    shared: Arc<Shared>,
+    config: Arc<russh::server::Config>,
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    (_permit, pending): (tokio::sync::OwnedSemaphorePermit, Pending),
+    shutdown: CancellationToken,
+) {
+    let cut = pending.cut.clone();
+    let authenticated = CancellationToken::new();
+    let handler = Connection::new(shared.clone(), Some(peer), authenticated.clone());
+    let io = Cuttable::new(socket, cut.clone());
+    let session = async {
+        let running = russh::server::run_stream(config, io, handler).await?;
+        let handle = running.handle();
+        tokio::pin!(running);
+        tokio::select! {
+            r = &mut running => r,
+            _ = shutdown.cancelled() => {
+                let bye = handle.disconnect(
+                    russh::Disconnect::ByApplication,
+                    "server shutting down".into(),
+                    "en".into(),
+                );
+                let _ = tokio::time::timeout(SHUTDOWN_GRACE, bye).await;
+                match tokio::time::timeout(SHUTDOWN_GRACE, &mut running).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        cut.cancel();
+                        running.await
+                    }
                 }
             }
-        });
+        }
+    };
+    tokio::pin!(session);
+    let deadline = tokio::time::sleep(shared.config.ssh_auth_timeout);
+    let early = tokio::select! {
+        r = &mut session => Some(r),
+        _ = authenticated.cancelled() => None,
+        _ = deadline => {
+            tracing::debug!(%peer, timeout = ?shared.config.ssh_auth_timeout, "ssh connection did not authenticate in time; cutting it");
+            cut.cancel();
+            None
+        }
+    };
+    // Authenticated (or cut): the unauthenticated slot is free again.
+    drop(pending);
+    let result = match early {
+        Some(r) => r,
+        None if cut.is_cancelled() => match tokio::time::timeout(CUT_GRACE, &mut session).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(%peer, "ssh session did not end after its socket was cut");
+                return;
+            }
+        },
+        None => session.await,
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "ssh connection ended with error");
+    }
+}
+
+/// How long a shutting-down server waits for a disconnect to reach the agent.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long a cut session may take to notice its socket is gone.
+const CUT_GRACE: Duration = Duration::from_secs(5);
+
+/// The key a source is counted under: an IPv4 address, or the /64 of an IPv6
+/// address (one host usually owns a whole /64, so counting single IPv6
+/// addresses would let it rotate past every per-source limit).
+pub(crate) fn source_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut seg = v6.segments();
+                seg[4..].fill(0);
+                IpAddr::V6(seg.into())
+            }
+        },
+    }
+}
+
+// === impl Admission ===
+
+/// Caps on connections that have not authenticated yet, overall and per
+/// source. When the overall cap is full, a newcomer from a source holding fewer
+/// connections than the busiest source takes the place of that source's oldest
+/// one (which is cut), so a flood from a few sources cannot lock a legitimate
+/// agent out: it needs as many distinct sources as the overall cap.
+pub(crate) struct Admission {
+    max_total: usize,
+    max_per_source: usize,
+    state: Mutex<AdmissionState>,
+}
+
+#[derive(Default)]
+struct AdmissionState {
+    next_id: u64,
+    total: usize,
+    /// Per source, its pending connections oldest first: id and cut switch.
+    sources: HashMap<IpAddr, std::collections::VecDeque<(u64, CancellationToken)>>,
+}
+
+/// An unauthenticated slot, given back on drop. `cut` ends the connection
+/// (the deadline, an eviction, or shutdown use it).
+pub(crate) struct Pending {
+    admission: Arc<Admission>,
+    source: IpAddr,
+    id: u64,
+    pub(crate) cut: CancellationToken,
+}
+
+impl Admission {
+    pub(crate) fn new(max_total: usize, max_per_source: usize) -> Self {
+        Self {
+            max_total,
+            max_per_source,
+            state: Mutex::default(),
+        }
+    }
+
+    /// A slot for a connection from `ip`, or `None` when it must be dropped.
+    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<Pending> {
+        let source = source_key(ip);
+        let mut state = self.state.lock().expect("admission poisoned");
+        let here = state.sources.get(&source).map_or(0, |q| q.len());
+        if here >= self.max_per_source || self.max_total == 0 {
+            return None;
+        }
+        if state.total >= self.max_total {
+            let (busiest, held) = state
+                .sources
+                .iter()
+                .map(|(s, q)| (*s, q.len()))
+                .max_by_key(|(_, n)| *n)?;
+            if held <= here + 1 {
+                return None;
+            }
+            let queue = state.sources.get_mut(&busiest)?;
+            let (_, cut) = queue.pop_front()?;
+            if queue.is_empty() {
+                state.sources.remove(&busiest);
+            }
+            state.total -= 1;
+            cut.cancel();
+        }
+        let id = state.next_id;
+        state.next_id += 1;
+        let cut = CancellationToken::new();
+        state
+            .sources
+            .entry(source)
+            .or_default()
+            .push_back((id, cut.clone()));
+        state.total += 1;
+        Some(Pending {
+            admission: self.clone(),
+            source,
+            id,
+            cut,
+        })
+    }
+
+    /// Unauthenticated connections held now, overall.
+    #[cfg(test)]
+    fn held(&self) -> usize {
+        self.state.lock().expect("admission poisoned").total
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut state = self.admission.state.lock().expect("admission poisoned");
+        let Some(queue) = state.sources.get_mut(&self.source) else {
+            return;
+        };
+        let Some(at) = queue.iter().position(|(id, _)| *id == self.id) else {
+            return; // evicted: already forgotten
+        };
+        queue.remove(at);
+        if queue.is_empty() {
+            state.sources.remove(&self.source);
+        }
+        state.total -= 1;
+    }
+}
+
+// === impl Throttled ===
+
+/// A warning logged at most once a second, with how many were suppressed, so
+/// that a flood cannot turn into a log flood.
+#[derive(Default)]
+struct Throttled {
+    last: Mutex<Option<Instant>>,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+impl Throttled {
+    fn warn(&self, peer: SocketAddr, what: &str) {
+        use std::sync::atomic::Ordering;
+        let mut last = self.last.lock().expect("throttle poisoned");
+        if last.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+            self.suppressed.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        *last = Some(Instant::now());
+        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
+        tracing::warn!(%peer, suppressed, "{what}");
+    }
+}
+
+// === impl Cuttable ===
+
+/// A socket that can be cut from outside: once `cut` fires, every read and
+/// write fails, which ends the russh session wherever it waits (russh has no
+/// abort, and dropping its future leaves the session task running).
+struct Cuttable<S> {
+    inner: S,
+    cut: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    is_cut: bool,
+}
+
+impl<S> Cuttable<S> {
+    fn new(inner: S, cut: CancellationToken) -> Self {
+        Self {
+            inner,
+            cut: Box::pin(cut.cancelled_owned()),
+            is_cut: false,
+        }
+    }
+
+    fn check(&mut self, cx: &mut std::task::Context<'_>) -> std::io::Result<()> {
+        use std::future::Future;
+        if !self.is_cut && self.cut.as_mut().poll(cx).is_ready() {
+            self.is_cut = true;
+        }
+        if self.is_cut {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "connection cut by the server",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Cuttable<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Cuttable<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if let Err(e) = self.check(cx) {
+            return std::task::Poll::Ready(Err(e));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.is_cut {
+            return std::task::Poll::Ready(Ok(()));
+        }
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 
@@ -107,6 +419,7 @@ impl AuthLimiter {
     const WINDOW: Duration = Duration::from_secs(60);
 
     fn blocked(&self, ip: IpAddr) -> bool {
+        let ip = source_key(ip);
         let mut map = self.failures.lock().expect("limiter poisoned");
         match map.get(&ip) {
             Some((n, since)) if since.elapsed() < Self::WINDOW => *n >= Self::MAX_FAILURES,
@@ -119,6 +432,7 @@ impl AuthLimiter {
     }
 
     fn fail(&self, ip: IpAddr) {
+        let ip = source_key(ip);
         let mut map = self.failures.lock().expect("limiter poisoned");
         if map.len() > 100_000 {
             map.retain(|_, (_, since)| since.elapsed() < Self::WINDOW);
@@ -142,16 +456,23 @@ pub(crate) struct Connection {
     authed: Option<(String, String, Option<&'static str>)>,
     session: Option<Arc<Session>>,
     pending: HashMap<ChannelId, Channel<Msg>>,
+    /// Cancelled once a valid credential is accepted; ends the auth deadline.
+    authenticated: CancellationToken,
 }
 
 impl Connection {
-    fn new(shared: Arc<Shared>, peer: Option<SocketAddr>) -> Self {
+    fn new(
+        shared: Arc<Shared>,
+        peer: Option<SocketAddr>,
+        authenticated: CancellationToken,
+    ) -> Self {
         Self {
             shared,
             peer,
             authed: None,
             session: None,
             pending: HashMap::new(),
+            authenticated,
         }
     }
 
@@ -249,6 +570,7 @@ impl Handler for Connection {
         }
         tracing::info!(%cluster, peer = ?self.peer, "agent authenticated");
         self.session = Some(s);
+        self.authenticated.cancel();
         Ok(())
     }
 
@@ -414,3 +736,91 @@ async fn control_channel(
 }
 
 use tokio::io::AsyncReadExt as _;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn sources_are_ipv4_addresses_or_ipv6_prefixes() {
+        assert_eq!(source_key(ip("10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source_key(ip("::ffff:10.1.2.3")), ip("10.1.2.3"));
+        assert_eq!(source_key(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_key(ip("2001:db8:1:2:ffff:1:2:3")),
+            source_key(ip("2001:db8:1:2::9"))
+        );
+        assert_ne!(
+            source_key(ip("2001:db8:1:3::1")),
+            source_key(ip("2001:db8:1:2::1"))
+        );
+    }
+
+    #[test]
+    fn admission_caps_per_source_and_overall() {
+        let a = Arc::new(Admission::new(4, 3));
+        let from_a: Vec<_> = (0..3).map(|_| a.admit(ip("10.0.0.1")).unwrap()).collect();
+        assert!(a.admit(ip("10.0.0.1")).is_none(), "per-source cap");
+        let b1 = a.admit(ip("10.0.0.2")).unwrap();
+        assert_eq!(a.held(), 4);
+        // Full. A newcomer from a quieter source evicts the busiest source's oldest.
+        let c1 = a.admit(ip("10.0.0.3")).unwrap();
+        assert!(from_a[0].cut.is_cancelled(), "oldest of the busiest source cut");
+        assert!(!from_a[1].cut.is_cancelled() && !b1.cut.is_cancelled());
+        assert_eq!(a.held(), 4);
+        // Now A holds 2, B 1, C 1: a second from B would tie with A, so it is refused.
+        assert!(a.admit(ip("10.0.0.2")).is_none());
+        // A fresh source still gets in by evicting from A.
+        let d1 = a.admit(ip("10.0.0.4")).unwrap();
+        assert!(from_a[1].cut.is_cancelled());
+        // Every source holds one: nobody is evicted for a fifth source.
+        assert!(a.admit(ip("10.0.0.5")).is_none());
+        drop(from_a); // two evicted (already forgotten) and one live
+        assert_eq!(a.held(), 3);
+        drop((b1, c1, d1));
+        assert_eq!(a.held(), 0);
+        assert!(a.state.lock().unwrap().sources.is_empty());
+    }
+
+    #[test]
+    fn auth_limiter_blocks_after_ten_failures_per_source() {
+        let l = AuthLimiter::default();
+        for _ in 0..AuthLimiter::MAX_FAILURES {
+            assert!(!l.blocked(ip("10.0.0.1")));
+            l.fail(ip("10.0.0.1"));
+        }
+        assert!(l.blocked(ip("10.0.0.1")));
+        assert!(!l.blocked(ip("10.0.0.2")));
+        // IPv6 neighbours in one /64 share a budget.
+        for i in 0..AuthLimiter::MAX_FAILURES {
+            l.fail(ip(&format!("2001:db8::{:x}", i + 1)));
+        }
+        assert!(l.blocked(ip("2001:db8::ffff")));
+    }
+
+    #[tokio::test]
+    async fn a_cut_socket_fails_reads_and_writes() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (a, mut b) = tokio::io::duplex(64);
+        let cut = CancellationToken::new();
+        let mut a = Cuttable::new(a, cut.clone());
+        a.write_all(b"hi").await.unwrap();
+        let mut buf = [0u8; 2];
+        b.read_exact(&mut buf).await.unwrap();
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 8];
+            a.read(&mut buf).await
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cut.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(1), reader)
+            .await
+            .expect("a blocked read ends when cut")
+            .unwrap();
+        assert_eq!(r.unwrap_err().kind(), std::io::ErrorKind::ConnectionAborted);
+    }
+}

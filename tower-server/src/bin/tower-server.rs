@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
+use tower_server::controller::ControllerConfig;
 use tower_server::{Server, ServerConfig};
 
 /// Tower server: accepts agents over SSH and proxies clients to member clusters.
@@ -42,6 +43,20 @@ struct Args {
     /// Unanswered keepalives before an agent is declared dead.
     #[arg(long, env = "TOWER_KEEPALIVE_MAX", default_value_t = 3)]
     keepalive_max: usize,
+    /// Work with Kubernetes: identity in Secrets, tokens from proxy Clusters and
+    /// Agents, kubeconfigs and conditions written back. Without it, the server is
+    /// standalone and keeps everything in --state-dir.
+    #[arg(long, env = "TOWER_KUBERNETES")]
+    kubernetes: bool,
+    /// Namespace of the server's Secrets, Lease and info ConfigMap (Kubernetes mode).
+    #[arg(long, env = "TOWER_NAMESPACE", default_value = "kubesphere-system")]
+    namespace: String,
+    /// This replica's name (Kubernetes mode; the pod name).
+    #[arg(long, env = "POD_NAME", default_value = "tower-server")]
+    replica: String,
+    /// SSH address(es) agents dial, published for `towerctl join` (Kubernetes mode).
+    #[arg(long, env = "TOWER_SSH_ADDRESS", value_delimiter = ',')]
+    ssh_address: Vec<String>,
     /// Print the bound ports on stdout (`ssh=… gateway=…`), for scripts binding port 0.
     #[arg(long, env = "TOWER_PRINT_PORTS", hide = true)]
     print_ports: bool,
@@ -55,12 +70,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = ServerConfig::new(&args.state_dir, &args.gateway_url);
     config.gateway_hosts = args.gateway_hosts;
     config.keepalive_interval = Duration::from_secs_f64(args.keepalive_interval);
     config.keepalive_max = args.keepalive_max;
-    let server = Server::open(config)
-        .with_context(|| format!("opening state dir {}", args.state_dir.display()))?;
     let ssh = tokio::net::TcpListener::bind(&args.ssh_listen)
         .await
         .with_context(|| format!("binding SSH listener {}", args.ssh_listen))?;
@@ -86,5 +100,15 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down");
         signal.cancel();
     });
+    if args.kubernetes {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to Kubernetes (in-cluster or $KUBECONFIG)")?;
+        let mut ctrl = ControllerConfig::new(args.namespace, args.replica);
+        ctrl.ssh_addresses = args.ssh_address;
+        return tower_server::run_with_kubernetes(config, ctrl, client, ssh, gateway, shutdown).await;
+    }
+    let server = Server::open(config)
+        .with_context(|| format!("opening state dir {}", args.state_dir.display()))?;
     server.run(ssh, gateway, shutdown).await
 }

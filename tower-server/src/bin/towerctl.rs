@@ -1,35 +1,79 @@
-//! `towerctl`: mint and revoke join tokens and print kubeconfigs, against a
-//! server's state directory.
+//! `towerctl`: join member clusters, show their status, print kubeconfigs and
+//! revoke access. Against a host cluster (kubeconfig/context flags like
+//! kubectl), or, with `--state-dir`, against a standalone server's state.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tower_proto::token::{Claims, JoinToken, Secret};
+use tower_server::controller::SERVER_INFO_CONFIGMAP;
+use tower_server::crd::{Agent, CONDITION_CONNECTED, Cluster};
+use tower_server::kube_store::CLUSTER_TOKEN_ID;
 use tower_server::store::FileStore;
 use tower_server::{HOST_KEY_FILE, kubeconfig};
 
-/// Manage Tower join tokens and kubeconfigs.
+/// Field manager for what towerctl writes.
+const MANAGER: &str = "towerctl";
+
+/// Join member clusters to Tower and manage their access.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// The server's state directory (CA, host key, token store).
+    /// Standalone mode: the server's state directory (CA, host key, token file).
+    /// Without it, towerctl works against the host cluster's API.
+    #[arg(long, global = true, env = "TOWER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Path to the host cluster's kubeconfig (default: $KUBECONFIG or ~/.kube/config).
+    #[arg(long, global = true, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use.
+    #[arg(long, global = true, env = "TOWER_CONTEXT")]
+    context: Option<String>,
+    /// Namespace where tower-server runs.
     #[arg(
+        short,
         long,
         global = true,
-        env = "TOWER_STATE_DIR",
-        default_value = "/var/lib/tower"
+        env = "TOWER_NAMESPACE",
+        default_value = "kubesphere-system"
     )]
-    state_dir: PathBuf,
+    namespace: String,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Mint a join token for a member cluster and print it.
-    Token {
+    /// Create a proxy Cluster, its Agent and token, and print the install command for the member.
+    Join {
         /// The member cluster's name (a DNS label).
+        cluster: String,
+        /// Helm chart reference to print in the install command.
+        #[arg(long, env = "TOWER_AGENT_CHART", default_value = "charts/tower-agent")]
+        chart: String,
+    },
+    /// Show every cluster: type, connected, agent version, RTT, since.
+    Status,
+    /// Print the kubeconfig that reaches a cluster through the gateway.
+    Kubeconfig {
+        cluster: String,
+        /// Standalone mode: gateway URL clients use.
+        #[arg(
+            long,
+            env = "TOWER_GATEWAY_URL",
+            default_value = "https://tower.kubesphere-system.svc:8443"
+        )]
+        gateway_url: String,
+    },
+    /// Revoke a cluster's access: its token stops working and its session ends within seconds.
+    Revoke { cluster: String },
+    /// Standalone mode: mint a join token for a member cluster.
+    Token {
         cluster: String,
         /// SSH address(es) agents dial, host:port (repeat or comma-separate).
         #[arg(
@@ -43,20 +87,12 @@ enum Command {
         #[arg(long, env = "TOWER_TOKEN_TTL")]
         ttl: Option<String>,
     },
-    /// Revoke every token of a cluster; its live session ends within seconds.
-    Revoke { cluster: String },
-    /// List tokens (ids and state; never secrets).
+    /// Standalone mode: list tokens (ids and state; never secrets).
     Tokens,
-    /// Print a kubeconfig that reaches a cluster through the gateway.
-    Kubeconfig {
-        cluster: String,
-        /// Gateway URL clients use.
-        #[arg(
-            long,
-            env = "TOWER_GATEWAY_URL",
-            default_value = "https://tower.kubesphere-system.svc:8443"
-        )]
-        gateway_url: String,
+    /// Print the CRDs generated from the Rust types (or write them into a directory).
+    Crds {
+        #[arg(long)]
+        output_dir: Option<PathBuf>,
     },
 }
 
@@ -75,20 +111,55 @@ fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
-fn main() -> anyhow::Result<()> {
+fn check_name(cluster: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        tower_proto::names::is_valid_cluster_name(cluster),
+        "cluster name {cluster:?} is not a valid DNS label (lowercase letters, digits, '-')"
+    );
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    if let Command::Crds { output_dir } = &args.command {
+        return crds(output_dir.as_deref());
+    }
+    match &args.state_dir {
+        Some(dir) => standalone(dir, args.command),
+        None => kubernetes(&args).await,
+    }
+}
+
+fn crds(dir: Option<&std::path::Path>) -> anyhow::Result<()> {
+    for (file, yaml) in tower_server::crd::crd_yaml() {
+        match dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)?;
+                std::fs::write(
+                    dir.join(file),
+                    format!("# Generated by `towerctl crds`; do not edit.\n{yaml}"),
+                )?;
+            }
+            None => print!("---\n{yaml}"),
+        }
+    }
+    Ok(())
+}
+
+fn standalone(dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
     let store = || {
-        FileStore::open(&args.state_dir)
-            .with_context(|| format!("opening token store in {}", args.state_dir.display()))
+        FileStore::open(dir).with_context(|| format!("opening token store in {}", dir.display()))
     };
-    match args.command {
+    match command {
         Command::Token {
             cluster,
             server,
             ttl,
         } => {
-            let host_key =
-                tower_certs::HostKey::load_or_create(&args.state_dir.join(HOST_KEY_FILE))?;
+            check_name(&cluster)?;
+            let host_key = tower_certs::HostKey::load_or_create(&dir.join(HOST_KEY_FILE))?;
             let ttl = ttl.as_deref().map(parse_ttl).transpose()?;
             let token = store()?.mint(&cluster, server, host_key.fingerprint(), ttl)?;
             println!("{}", token.encode());
@@ -118,11 +189,8 @@ fn main() -> anyhow::Result<()> {
             cluster,
             gateway_url,
         } => {
-            anyhow::ensure!(
-                tower_proto::names::is_valid_cluster_name(&cluster),
-                "cluster name {cluster:?} is not a valid DNS label"
-            );
-            let ca = tower_certs::Ca::load_or_create(&args.state_dir, "tower-ca")?;
+            check_name(&cluster)?;
+            let ca = tower_certs::Ca::load_or_create(dir, "tower-ca")?;
             print!(
                 "{}",
                 kubeconfig::render(
@@ -133,6 +201,215 @@ fn main() -> anyhow::Result<()> {
                 )?
             );
         }
+        Command::Join { .. } | Command::Status => {
+            anyhow::bail!("join and status work against the host cluster; drop --state-dir")
+        }
+        Command::Crds { .. } => unreachable!("handled before"),
+    }
+    Ok(())
+}
+
+async fn client(args: &Args) -> anyhow::Result<kube::Client> {
+    let options = KubeConfigOptions {
+        context: args.context.clone(),
+        ..Default::default()
+    };
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &options).await?
+        }
+        None => match kube::Config::from_kubeconfig(&options).await {
+            Ok(c) => c,
+            Err(_) => kube::Config::incluster()
+                .context("no kubeconfig found and not running in a cluster")?,
+        },
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+async fn kubernetes(args: &Args) -> anyhow::Result<()> {
+    let client = client(args).await?;
+    let clusters: Api<Cluster> = Api::all(client.clone());
+    let agents: Api<Agent> = Api::all(client.clone());
+    match &args.command {
+        Command::Join { cluster, chart } => {
+            check_name(cluster)?;
+            let info: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
+            let info = info
+                .get_opt(SERVER_INFO_CONFIGMAP)
+                .await?
+                .and_then(|cm| cm.data)
+                .with_context(|| {
+                    format!(
+                        "tower-server has not published its address (ConfigMap {}/{SERVER_INFO_CONFIGMAP}); \
+                         is it running in namespace {}?",
+                        args.namespace, args.namespace
+                    )
+                })?;
+            let servers: Vec<String> = info
+                .get("sshAddresses")
+                .map(|s| {
+                    s.split(',')
+                        .filter(|a| !a.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default();
+            anyhow::ensure!(
+                !servers.is_empty(),
+                "tower-server published no SSH address; set --ssh-address on it"
+            );
+            let host_key = info
+                .get("hostKeyFingerprint")
+                .cloned()
+                .context("no host key fingerprint published")?;
+            let existing = clusters.get_opt(cluster).await?;
+            if let Some(c) = &existing {
+                anyhow::ensure!(
+                    c.is_proxy(),
+                    "cluster {cluster} exists and is not a proxy cluster; refusing to change it"
+                );
+            }
+            let token = existing
+                .as_ref()
+                .and_then(|c| c.token().map(str::to_string))
+                .unwrap_or_else(|| Secret::generate().expose().to_string());
+            let patch = serde_json::json!({
+                "apiVersion": "cluster.kubesphere.io/v1alpha1",
+                "kind": "Cluster",
+                "metadata": { "name": cluster },
+                "spec": {
+                    "enable": true,
+                    "joinFederation": false,
+                    "connection": { "type": "proxy", "token": token },
+                },
+            });
+            clusters
+                .patch(
+                    cluster,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await
+                .context("creating the Cluster (are the CRDs installed?)")?;
+            let agent = serde_json::json!({
+                "apiVersion": "tower.kubesphere.io/v1alpha1",
+                "kind": "Agent",
+                "metadata": { "name": cluster },
+                "spec": { "paused": false },
+            });
+            agents
+                .patch(
+                    cluster,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&agent),
+                )
+                .await?;
+            let join = JoinToken {
+                claims: Claims {
+                    servers,
+                    host_key,
+                    cluster: cluster.clone(),
+                    id: CLUSTER_TOKEN_ID.into(),
+                    expires: None,
+                },
+                secret: Secret::new(token),
+            };
+            eprintln!(
+                "cluster {cluster} joined as a proxy cluster; install the agent in the member cluster with:"
+            );
+            println!(
+                "helm upgrade --install tower-agent {chart} --namespace kubesphere-system --create-namespace \
+                 --set joinToken={}",
+                join.encode()
+            );
+        }
+        Command::Status => {
+            let all_agents = agents.list(&Default::default()).await?;
+            println!(
+                "{:<24} {:<8} {:<10} {:<14} {:<8} SINCE",
+                "CLUSTER", "TYPE", "CONNECTED", "AGENT-VERSION", "RTT"
+            );
+            for c in clusters.list(&Default::default()).await? {
+                let name = kube::ResourceExt::name_any(&c);
+                let kind = c
+                    .spec
+                    .connection
+                    .as_ref()
+                    .and_then(|x| x.type_.clone())
+                    .unwrap_or_else(|| "-".into());
+                let agent = all_agents
+                    .items
+                    .iter()
+                    .find(|a| kube::ResourceExt::name_any(*a) == name);
+                let status = agent.and_then(|a| a.status.clone()).unwrap_or_default();
+                let connected = if c.is_proxy() {
+                    status
+                        .conditions
+                        .iter()
+                        .find(|x| x.type_ == CONDITION_CONNECTED)
+                        .map(|x| x.status.clone())
+                        .or_else(|| c.condition("AgentAvailable").map(|x| x.status.clone()))
+                        .unwrap_or_else(|| "Unknown".into())
+                } else {
+                    "-".into()
+                };
+                let version = status.agent_version.unwrap_or_else(|| "-".into());
+                let rtt = status.rtt_millis.map_or("-".into(), |r| format!("{r}ms"));
+                let since = status
+                    .connected_since
+                    .map_or("-".into(), |t| t.0.to_string());
+                println!("{name:<24} {kind:<8} {connected:<10} {version:<14} {rtt:<8} {since}");
+            }
+        }
+        Command::Kubeconfig { cluster, .. } => {
+            let c = clusters
+                .get_opt(cluster)
+                .await?
+                .with_context(|| format!("cluster {cluster:?} not found"))?;
+            let kc = c
+                .spec
+                .connection
+                .and_then(|x| x.kubeconfig)
+                .with_context(|| {
+                    format!("cluster {cluster} has no kubeconfig yet; is tower-server running?")
+                })?;
+            print!("{}", String::from_utf8_lossy(&kc.0));
+        }
+        Command::Revoke { cluster } => {
+            let c = clusters
+                .get_opt(cluster)
+                .await?
+                .with_context(|| format!("cluster {cluster:?} not found"))?;
+            anyhow::ensure!(c.is_proxy(), "cluster {cluster} is not a proxy cluster");
+            let agent = serde_json::json!({
+                "apiVersion": "tower.kubesphere.io/v1alpha1",
+                "kind": "Agent",
+                "metadata": { "name": cluster },
+                "spec": { "paused": true },
+            });
+            agents
+                .patch(
+                    cluster,
+                    &PatchParams::apply(MANAGER).force(),
+                    &Patch::Apply(&agent),
+                )
+                .await?;
+            // Rotate the token so the old one is useless even after unpausing.
+            let remove = serde_json::json!({ "spec": { "connection": { "token": null } } });
+            clusters
+                .patch(cluster, &PatchParams::default(), &Patch::Merge(&remove))
+                .await?;
+            println!(
+                "revoked cluster {cluster}: its agent is paused and its token rotated; `towerctl join {cluster}` re-admits it"
+            );
+        }
+        Command::Token { .. } | Command::Tokens => {
+            anyhow::bail!("token and tokens work on a standalone server's state; pass --state-dir")
+        }
+        Command::Crds { .. } => unreachable!("handled before"),
     }
     Ok(())
 }

@@ -1,0 +1,413 @@
+//! End-to-end tests of the control-plane integration against the test bed: a
+//! host cluster with the Cluster and Agent CRDs, a Tower server in Kubernetes
+//! mode writing kubeconfigs and conditions, towerctl, and real agent processes
+//! next to a member cluster.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::watcher;
+use kube::{Client, ResourceExt};
+use tower_proto::token::{Claims, JoinToken, Secret};
+use tower_server::crd::{Agent, Cluster, ClusterSpec, Connection};
+use tower_tests::fixture::{self, KubeTowerServer, agent_credential, eventually};
+use tower_tests::testbed::{ControlPlane, Process, Testbed};
+
+struct Env {
+    _bed: Testbed,
+    host: ControlPlane,
+    member: ControlPlane,
+    _server: KubeTowerServer,
+    sa_token_file: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                tx.send(start_env().await).expect("send env");
+                std::future::pending::<()>().await;
+            });
+        });
+        rx.recv().expect("env started").expect("starting the control-plane environment")
+    })
+}
+
+async fn start_env() -> anyhow::Result<Env> {
+    let bed = Testbed::start().await?;
+    fixture::log_to_file(&bed.dir().join("tower-e2e.log"));
+    let mut clusters = bed.clusters(&["host", "member"]).await?;
+    let member = clusters.pop().expect("member");
+    let host = clusters.pop().expect("host");
+    let dir = tempfile::tempdir()?;
+    let server = KubeTowerServer::start(&host, dir.path(), "tower-server-0", |_| {}).await?;
+    let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
+    // The leader publishes its address; wait for it.
+    let client = host.client().await?;
+    let cms: Api<ConfigMap> = Api::namespaced(client, "kubesphere-system");
+    eventually(Duration::from_secs(30), || {
+        let cms = cms.clone();
+        async move { cms.get_opt("tower-server").await.ok().flatten() }
+    })
+    .await
+    .ok_or_else(|| anyhow::anyhow!("the server never published its info ConfigMap"))?;
+    Ok(Env {
+        _bed: bed,
+        host,
+        member,
+        _server: server,
+        sa_token_file,
+        dir,
+    })
+}
+
+fn towerctl(env: &Env, args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl"))
+        .arg("--kubeconfig")
+        .arg(env.host.admin_kubeconfig())
+        .args(args)
+        .env_remove("TOWER_STATE_DIR")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+async fn cluster(client: &Client, name: &str) -> Option<Cluster> {
+    Api::<Cluster>::all(client.clone()).get_opt(name).await.ok().flatten()
+}
+
+/// Waits until the Cluster's AgentAvailable condition has `status`; returns it.
+async fn wait_available(client: &Client, name: &str, status: &str, timeout: Duration) -> Cluster {
+    let found = eventually(timeout, || async {
+        let c = cluster(client, name).await?;
+        (c.condition("AgentAvailable")?.status == status).then_some(c)
+    })
+    .await;
+    match found {
+        Some(c) => c,
+        None => panic!(
+            "cluster {name}: AgentAvailable never became {status}; now {:?}",
+            cluster(client, name).await.and_then(|c| c.status)
+        ),
+    }
+}
+
+fn spawn_agent(env: &Env, token: &str, tag: &str) -> Process {
+    let file = env.dir.path().join(format!("{tag}.token"));
+    std::fs::write(&file, token).unwrap();
+    fixture::spawn_agent_process(&file, &env.member, &env.sa_token_file, &env.dir.path().join(format!("{tag}.log")))
+        .unwrap()
+}
+
+fn join_token_from_helm_line(line: &str) -> String {
+    line.split("joinToken=").nth(1).expect("helm line carries joinToken").trim().to_string()
+}
+
+/// Writes `Cluster.spec.connection.kubeconfig` to a file; returns its path.
+fn kubeconfig_file(c: &Cluster, dir: &Path, name: &str) -> PathBuf {
+    let bytes = c.spec.connection.as_ref().and_then(|x| x.kubeconfig.clone()).expect("kubeconfig written").0;
+    let path = dir.join(format!("{name}.kubeconfig"));
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_lifecycle_join_kill_return_revoke() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    let (ok, out, err) = towerctl(env, &["join", "rivendell"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("helm upgrade --install tower-agent"), "{out}");
+    let token = join_token_from_helm_line(&out);
+    // The controller writes the kubeconfig and a False condition before any agent.
+    let c = wait_available(&client, "rivendell", "False", Duration::from_secs(15)).await;
+    assert_eq!(c.condition("AgentAvailable").unwrap().reason.as_deref(), Some("AgentDisconnected"));
+
+    let mut agent = spawn_agent(env, &token, "rivendell-1");
+    let started = Instant::now();
+    let c = wait_available(&client, "rivendell", "True", Duration::from_secs(20)).await;
+    eprintln!("lifecycle: join -> AgentAvailable=True in {:.2?}", started.elapsed());
+    let kubeconfig = kubeconfig_file(&c, env.dir.path(), "rivendell");
+    let ns = fixture::kubectl(&kubeconfig, &["get", "ns", "-o", "name"], None).await.unwrap();
+    assert!(ns.contains("namespace/default"));
+    let a = Api::<Agent>::all(client.clone()).get("rivendell").await.unwrap();
+    let status = a.status.clone().unwrap();
+    assert_eq!(status.agent_version.as_deref(), Some(tower_proto::VERSION));
+    assert!(status.connected_since.is_some() && status.serving_replica.as_deref() == Some("tower-server-0"));
+    assert!(status.conditions.iter().any(|c| c.type_ == "Connected" && c.status == "True"));
+    assert_eq!(status.kubeconfig.as_ref().map(|k| &k.0), c.spec.connection.as_ref().unwrap().kubeconfig.as_ref().map(|k| &k.0));
+    let (ok, table, _) = towerctl(env, &["status"]);
+    assert!(ok && table.lines().any(|l| l.starts_with("rivendell") && l.contains("proxy") && l.contains("True")), "{table}");
+
+    // Agent killed: False with a reason.
+    let killed = Instant::now();
+    agent.kill9();
+    let c = wait_available(&client, "rivendell", "False", Duration::from_secs(10)).await;
+    eprintln!("lifecycle: agent kill -9 -> AgentAvailable=False in {:.2?}", killed.elapsed());
+    let cond = c.condition("AgentAvailable").unwrap();
+    assert_eq!(cond.reason.as_deref(), Some("AgentDisconnected"));
+    assert!(cond.message.as_deref().unwrap_or_default().contains("agent"));
+
+    // Agent back: True.
+    let _agent = spawn_agent(env, &token, "rivendell-2");
+    wait_available(&client, "rivendell", "True", Duration::from_secs(20)).await;
+
+    // Revoke: disconnected within 5 s, and it stays out.
+    let revoked = Instant::now();
+    let (ok, out, err) = towerctl(env, &["revoke", "rivendell"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    let c = wait_available(&client, "rivendell", "False", Duration::from_secs(5)).await;
+    eprintln!("lifecycle: revoke -> AgentAvailable=False in {:.2?}", revoked.elapsed());
+    assert_eq!(c.condition("AgentAvailable").unwrap().reason.as_deref(), Some("AgentPaused"));
+    assert!(fixture::kubectl(&kubeconfig, &["get", "ns", "--request-timeout=5s"], None).await.is_err());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let c = cluster(&client, "rivendell").await.unwrap();
+    assert_eq!(c.condition("AgentAvailable").unwrap().status, "False");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubesphere_console_flow() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    // As the KubeSphere console creates it: type proxy, token set by KubeSphere.
+    let ks_token = "ks0generated0token0for0lothlorien0abcdef";
+    let c = Cluster::new(
+        "lothlorien",
+        ClusterSpec {
+            join_federation: Some(true),
+            enable: Some(true),
+            provider: Some("kubesphere".into()),
+            connection: Some(Connection {
+                type_: Some("proxy".into()),
+                token: Some(ks_token.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    Api::<Cluster>::all(client.clone()).create(&PostParams::default(), &c).await.unwrap();
+    let c = wait_available(&client, "lothlorien", "False", Duration::from_secs(15)).await;
+    let conn = c.spec.connection.clone().unwrap();
+    assert!(conn.kubeconfig.is_some(), "kubeconfig written");
+    assert_eq!(conn.token.as_deref(), Some(ks_token), "KubeSphere's token is kept");
+    assert!(conn.kubernetes_api_endpoint.unwrap().ends_with("/clusters/lothlorien"));
+
+    // An agent started with that token (plus the server's published address) connects.
+    let info = Api::<ConfigMap>::namespaced(client.clone(), "kubesphere-system").get("tower-server").await.unwrap();
+    let data = info.data.unwrap();
+    let join = JoinToken {
+        claims: Claims {
+            servers: data["sshAddresses"].split(',').map(str::to_string).collect(),
+            host_key: data["hostKeyFingerprint"].clone(),
+            cluster: "lothlorien".into(),
+            id: "cluster".into(),
+            expires: None,
+        },
+        secret: Secret::new(ks_token),
+    };
+    let _agent = spawn_agent(env, &join.encode(), "lothlorien");
+    let c = wait_available(&client, "lothlorien", "True", Duration::from_secs(20)).await;
+    let kubeconfig = kubeconfig_file(&c, env.dir.path(), "lothlorien");
+    let v = fixture::kubectl(&kubeconfig, &["get", "--raw", "/version"], None).await.unwrap();
+    assert!(v.contains("v1.35"));
+    // Deleting the Cluster ends the live session within 5 s.
+    let deleted = Instant::now();
+    Api::<Cluster>::all(client.clone()).delete("lothlorien", &Default::default()).await.unwrap();
+    let gone = eventually(Duration::from_secs(5), || async {
+        fixture::kubectl(&kubeconfig, &["get", "--raw", "/version", "--request-timeout=2s"], None).await.err()
+    })
+    .await;
+    assert!(gone.is_some(), "the session outlived its Cluster");
+    eprintln!("console flow: Cluster deleted -> tunnel refused in {:.2?}", deleted.elapsed());
+}
+
+/// One consumer suite, given only a Cluster's `spec.connection.kubeconfig`.
+async fn consumer_suite(c: &Cluster, dir: &Path, tag: &str) -> anyhow::Result<Vec<String>> {
+    let path = kubeconfig_file(c, dir, tag);
+    let kc = kube::config::Kubeconfig::read_from(&path)?;
+    let config = kube::Config::from_custom_kubeconfig(kc, &Default::default()).await?;
+    let client = Client::try_from(config)?;
+    let ns_name = format!("consumer-{tag}");
+    let mut seen = Vec::new();
+    // kube-rs: namespace, ConfigMap CRUD, list, watch.
+    let nss: Api<Namespace> = Api::all(client.clone());
+    nss.create(
+        &PostParams::default(),
+        &Namespace { metadata: ObjectMeta { name: Some(ns_name.clone()), ..Default::default() }, ..Default::default() },
+    )
+    .await?;
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns_name);
+    let watch = {
+        let cms = cms.clone();
+        tokio::spawn(async move {
+            let stream = watcher(cms, watcher::Config::default());
+            tokio::pin!(stream);
+            while let Some(ev) = stream.next().await {
+                if let Ok(watcher::Event::Apply(cm)) = ev
+                    && cm.name_any() == "probe"
+                {
+                    return true;
+                }
+            }
+            false
+        })
+    };
+    let cm = k8s_openapi::api::core::v1::ConfigMap {
+        metadata: ObjectMeta { name: Some("probe".into()), ..Default::default() },
+        data: Some([("k".to_string(), "v".to_string())].into()),
+        ..Default::default()
+    };
+    cms.create(&PostParams::default(), &cm).await?;
+    seen.push(format!("get={:?}", cms.get("probe").await?.data));
+    seen.push(format!("list={}", cms.list(&Default::default()).await?.items.len()));
+    seen.push(format!("watch={}", tokio::time::timeout(Duration::from_secs(10), watch).await??));
+    // kubectl.
+    let out = fixture::kubectl(&path, &["get", "configmap", "probe", "-n", &ns_name, "-o", "jsonpath={.data.k}"], None).await?;
+    seen.push(format!("kubectl-get={out}"));
+    fixture::kubectl(&path, &["delete", "configmap", "probe", "-n", &ns_name], None).await?;
+    seen.push(format!("after-delete={}", cms.get_opt("probe").await?.is_some()));
+    let version = fixture::kubectl(&path, &["version", "-o", "json"], None).await?;
+    let v: serde_json::Value = serde_json::from_str(&version)?;
+    seen.push(format!("server={}", v["serverVersion"]["gitVersion"]));
+    Ok(seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_and_proxy_clusters_behave_the_same() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    // A direct Cluster: the member's own admin kubeconfig, as KubeSphere stores it.
+    let direct_kubeconfig = std::fs::read(env.member.admin_kubeconfig()).unwrap();
+    let direct = Cluster::new(
+        "direct-member",
+        ClusterSpec {
+            enable: Some(true),
+            connection: Some(Connection {
+                type_: Some("direct".into()),
+                kubeconfig: Some(k8s_openapi::ByteString(direct_kubeconfig.clone())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    Api::<Cluster>::all(client.clone()).create(&PostParams::default(), &direct).await.unwrap();
+    // A proxy Cluster for the same member, joined with towerctl.
+    let (ok, out, err) = towerctl(env, &["join", "proxy-member"]);
+    assert!(ok, "{err}");
+    let _agent = spawn_agent(env, &join_token_from_helm_line(&out), "proxy-member");
+    let proxy = wait_available(&client, "proxy-member", "True", Duration::from_secs(20)).await;
+    let direct = cluster(&client, "direct-member").await.unwrap();
+
+    let d = consumer_suite(&direct, env.dir.path(), "direct").await.unwrap();
+    let p = consumer_suite(&proxy, env.dir.path(), "proxy").await.unwrap();
+    eprintln!("equivalence: direct {d:?}\n             proxy  {p:?}");
+    assert_eq!(d, p, "the same consumer code saw different behaviour");
+
+    // Tower never touched the direct Cluster.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let direct = cluster(&client, "direct-member").await.unwrap();
+    assert!(direct.status.is_none(), "{:?}", direct.status);
+    assert_eq!(direct.spec.connection.clone().unwrap().kubeconfig.unwrap().0, direct_kubeconfig);
+    assert!(
+        direct.managed_fields().iter().all(|m| m.manager.as_deref() != Some(tower_server::crd::FIELD_MANAGER)),
+        "tower-server wrote to a direct cluster"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_minute_writes_nothing() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    let (ok, out, err) = towerctl(env, &["join", "quiet"]);
+    assert!(ok, "{err}");
+    let _agent = spawn_agent(env, &join_token_from_helm_line(&out), "quiet");
+    wait_available(&client, "quiet", "True", Duration::from_secs(20)).await;
+    // Let the join settle, then count every write to this Cluster and Agent.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rv = |o: Option<String>| o.unwrap_or_default();
+    let c0 = rv(cluster(&client, "quiet").await.unwrap().resource_version());
+    let agents: Api<Agent> = Api::all(client.clone());
+    let a0 = rv(agents.get("quiet").await.unwrap().resource_version());
+    let count = |api_events: std::sync::Arc<std::sync::atomic::AtomicUsize>| api_events;
+    let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let w1 = count(writes.clone());
+    let w2 = count(writes.clone());
+    let cw = tokio::spawn({
+        let api: Api<Cluster> = Api::all(client.clone());
+        async move {
+            let cfg = watcher::Config::default().fields("metadata.name=quiet");
+            let s = watcher(api, cfg);
+            tokio::pin!(s);
+            while let Some(Ok(ev)) = s.next().await {
+                if let watcher::Event::Apply(c) = ev
+                    && c.resource_version() != Some(c0.clone())
+                {
+                    w1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    let aw = tokio::spawn({
+        let api = agents.clone();
+        async move {
+            let cfg = watcher::Config::default().fields("metadata.name=quiet");
+            let s = watcher(api, cfg);
+            tokio::pin!(s);
+            while let Some(Ok(ev)) = s.next().await {
+                if let watcher::Event::Apply(a) = ev
+                    && a.resource_version() != Some(a0.clone())
+                {
+                    w2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    cw.abort();
+    aw.abort();
+    let n = writes.load(std::sync::atomic::Ordering::Relaxed);
+    eprintln!("quiet minute: {n} writes to Cluster/Agent \"quiet\"");
+    assert_eq!(n, 0, "the controller wrote during a quiet minute");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_the_agent_object_ends_the_session() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    let (ok, out, err) = towerctl(env, &["join", "moria"]);
+    assert!(ok, "{err}");
+    let _agent = spawn_agent(env, &join_token_from_helm_line(&out), "moria");
+    wait_available(&client, "moria", "True", Duration::from_secs(20)).await;
+    let deleted = Instant::now();
+    Api::<Agent>::all(client.clone()).delete("moria", &Default::default()).await.unwrap();
+    // The server ends the session and tells the agent why (the agent may come
+    // back afterwards: the Cluster still carries its token).
+    let log = env.dir.path().join("moria.log");
+    let ended = eventually(Duration::from_secs(5), || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).ok()?;
+            text.contains("agent object deleted").then_some(())
+        }
+    })
+    .await;
+    assert!(ended.is_some(), "session not ended within 5 s; agent log:\n{}", tower_tests::testbed::log_tail(&log, 20));
+    eprintln!("agent object deleted -> session ended in {:.2?}", deleted.elapsed());
+}

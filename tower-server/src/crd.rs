@@ -1,0 +1,274 @@
+//! The Kubernetes objects Tower works with, as Rust types; the CRDs in the
+//! server chart are generated from these (`towerctl crds`).
+//!
+//! - [`Cluster`] (`cluster.kubesphere.io/v1alpha1`, cluster-scoped): KubeSphere's
+//!   own schema. Tower fills in the connection of `proxy` clusters and keeps the
+//!   `AgentAvailable` condition; it never touches `direct` clusters.
+//! - [`Agent`] (`tower.kubesphere.io/v1alpha1`, cluster-scoped, named after its
+//!   cluster): the agent's token reference and pause switch, and the live detail
+//!   of its connection in status.
+
+use k8s_openapi::ByteString;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Field manager for every server-side apply Tower makes.
+pub const FIELD_MANAGER: &str = "tower-server";
+/// Condition on a Cluster that says whether its agent is connected.
+pub const CONDITION_AGENT_AVAILABLE: &str = "AgentAvailable";
+/// Condition on an Agent that says whether it is connected.
+pub const CONDITION_CONNECTED: &str = "Connected";
+/// `spec.connection.type` of a tunnelled cluster.
+pub const CONNECTION_PROXY: &str = "proxy";
+/// `spec.connection.type` of a directly reachable cluster.
+pub const CONNECTION_DIRECT: &str = "direct";
+
+// === Cluster ===
+
+/// KubeSphere's member-cluster object.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "cluster.kubesphere.io",
+    version = "v1alpha1",
+    kind = "Cluster",
+    plural = "clusters",
+    status = "ClusterStatus",
+    printcolumn = r#"{"name":"Federated","type":"boolean","jsonPath":".spec.joinFederation"}"#,
+    printcolumn = r#"{"name":"Provider","type":"string","jsonPath":".spec.provider"}"#,
+    printcolumn = r#"{"name":"Active","type":"boolean","jsonPath":".spec.enable"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.kubernetesVersion"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    /// Join the cluster to the federation control plane.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join_federation: Option<bool>,
+    /// Whether the cluster is enabled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable: Option<bool>,
+    /// Provider of the cluster (e.g. a cloud).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// How the host reaches the member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<Connection>,
+    /// Whether the member's kube-apiserver is exposed externally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub external_kube_api_enabled: Option<bool>,
+    /// KubeSphere's configuration for the member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bytes_schema")]
+    pub config: Option<ByteString>,
+}
+
+/// `spec.connection`.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Connection {
+    /// `direct` or `proxy`.
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("enum" = ["direct", "proxy"]))]
+    pub type_: Option<String>,
+    /// KubeSphere API endpoint of the member.
+    #[serde(
+        default,
+        rename = "kubesphereAPIEndpoint",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub kubesphere_api_endpoint: Option<String>,
+    /// Kubernetes API endpoint of the member.
+    #[serde(
+        default,
+        rename = "kubernetesAPIEndpoint",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub kubernetes_api_endpoint: Option<String>,
+    /// External Kubernetes API endpoint.
+    #[serde(
+        default,
+        rename = "externalKubernetesAPIEndpoint",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub external_kubernetes_api_endpoint: Option<String>,
+    /// Kubeconfig that reaches the member (base64 in JSON).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bytes_schema")]
+    pub kubeconfig: Option<ByteString>,
+    /// Token the agent presents (proxy clusters).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+    /// Port the Kubernetes API is served on by the proxy.
+    #[serde(
+        default,
+        rename = "kubernetesAPIServerPort",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub kubernetes_api_server_port: Option<u16>,
+    /// Port the KubeSphere API is served on by the proxy.
+    #[serde(
+        default,
+        rename = "kubesphereAPIServerPort",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub kubesphere_api_server_port: Option<u16>,
+}
+
+/// `status` of a Cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes_version: Option<String>,
+    #[serde(
+        default,
+        rename = "kubeSphereVersion",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub kube_sphere_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_count: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zones: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub configz: Option<std::collections::BTreeMap<String, bool>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<String>,
+}
+
+/// A condition as KubeSphere's Cluster and Tower's Agent carry them.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_update_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+impl Cluster {
+    /// Whether Tower manages this cluster's connection.
+    pub fn is_proxy(&self) -> bool {
+        self.spec
+            .connection
+            .as_ref()
+            .and_then(|c| c.type_.as_deref())
+            == Some(CONNECTION_PROXY)
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.spec
+            .connection
+            .as_ref()
+            .and_then(|c| c.token.as_deref())
+            .filter(|t| !t.is_empty())
+    }
+
+    pub fn condition(&self, type_: &str) -> Option<&Condition> {
+        self.status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == type_))
+    }
+}
+
+// === Agent ===
+
+/// One per member, named after its cluster.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(
+    group = "tower.kubesphere.io",
+    version = "v1alpha1",
+    kind = "Agent",
+    plural = "agents",
+    status = "AgentStatus",
+    printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.conditions[?(@.type==\"Connected\")].status"}"#,
+    printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.agentVersion"}"#,
+    printcolumn = r#"{"name":"RTT-ms","type":"integer","jsonPath":".status.rttMillis"}"#,
+    printcolumn = r#"{"name":"Since","type":"date","jsonPath":".status.connectedSince"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// A Secret key holding the agent's token. Without it, the Cluster's
+    /// `spec.connection.token` is the token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_ref: Option<TokenRef>,
+    /// A paused agent is refused and its live session ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<bool>,
+}
+
+/// Where a token lives.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TokenRef {
+    pub namespace: String,
+    pub name: String,
+    #[serde(default = "default_token_key")]
+    pub key: String,
+}
+
+fn default_token_key() -> String {
+    "token".into()
+}
+
+/// `status` of an Agent.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentStatus {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The kubeconfig that reaches this member through the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "bytes_schema")]
+    pub kubeconfig: Option<ByteString>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connected_since: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rtt_millis: Option<i64>,
+    /// The server replica holding the session.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serving_replica: Option<String>,
+}
+
+impl Agent {
+    pub fn paused(&self) -> bool {
+        self.spec.paused.unwrap_or(false)
+    }
+}
+
+/// `[]byte` fields: a base64 string, as Kubernetes encodes them.
+fn bytes_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "string", "format": "byte" })
+}
+
+/// The CRD manifests as YAML documents, in a stable order.
+pub fn crd_yaml() -> Vec<(&'static str, String)> {
+    use kube::CustomResourceExt;
+    vec![
+        (
+            "clusters.cluster.kubesphere.io.yaml",
+            yaml_serde::to_string(&Cluster::crd()).expect("CRDs serialize"),
+        ),
+        (
+            "agents.tower.kubesphere.io.yaml",
+            yaml_serde::to_string(&Agent::crd()).expect("CRDs serialize"),
+        ),
+    ]
+}
