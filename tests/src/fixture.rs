@@ -577,15 +577,25 @@ impl KubeTowerServer {
     ) -> anyhow::Result<Self> {
         install_crypto_provider();
         let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tower-server/crds");
-        host.run_kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()], None)
-            .await?;
         host.run_kubectl(
-            &["wait", "--for=condition=Established", "crd/clusters.cluster.kubesphere.io", "crd/agents.tower.kubesphere.io"],
+            &["apply", "--server-side", "-f", &crds.display().to_string()],
+            None,
+        )
+        .await?;
+        host.run_kubectl(
+            &[
+                "wait",
+                "--for=condition=Established",
+                "crd/clusters.cluster.kubesphere.io",
+                "crd/agents.tower.kubesphere.io",
+            ],
             None,
         )
         .await?;
         let namespace = "kubesphere-system".to_string();
-        let _ = host.run_kubectl(&["create", "namespace", &namespace], None).await;
+        let _ = host
+            .run_kubectl(&["create", "namespace", &namespace], None)
+            .await;
         let ssh = TcpListener::bind("127.0.0.1:0").await?;
         let gateway = TcpListener::bind("127.0.0.1:0").await?;
         let ssh_addr = ssh.local_addr()?;
@@ -604,7 +614,8 @@ impl KubeTowerServer {
         let stop = shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                tower_server::run_with_kubernetes(config, ctrl, client, ssh, gateway, stop).await
+                tower_server::run_with_kubernetes(config, ctrl, client, ssh, gateway, None, stop)
+                    .await
             {
                 tracing::error!(error = %e, "kubernetes-mode server failed");
             }
@@ -745,7 +756,10 @@ impl ServerProcess {
                 .arg(state_dir)
                 .args(["--ssh-listen", &ssh, "--gateway-listen", &gateway])
                 .args(["--gateway-url", "https://127.0.0.1"])
-                .args(["--keepalive-interval", &TEST_KEEPALIVE.as_secs_f64().to_string()])
+                .args([
+                    "--keepalive-interval",
+                    &TEST_KEEPALIVE.as_secs_f64().to_string(),
+                ])
                 .args(["--keepalive-max", &TEST_KEEPALIVE_MAX.to_string()])
                 .arg("--print-ports")
                 .env(
@@ -805,7 +819,12 @@ impl ServerProcess {
 
     /// Mints a join token for `cluster` pointing at this server.
     pub fn mint(&self, cluster: &str, ttl: Option<Duration>) -> anyhow::Result<JoinToken> {
-        mint_in(&self.state_dir, cluster, vec![self.ssh_addr.to_string()], ttl)
+        mint_in(
+            &self.state_dir,
+            cluster,
+            vec![self.ssh_addr.to_string()],
+            ttl,
+        )
     }
 
     /// The client identity of a kubeconfig for `cluster`.

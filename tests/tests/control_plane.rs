@@ -41,7 +41,9 @@ fn env() -> &'static Env {
                 std::future::pending::<()>().await;
             });
         });
-        rx.recv().expect("env started").expect("starting the control-plane environment")
+        rx.recv()
+            .expect("env started")
+            .expect("starting the control-plane environment")
     })
 }
 
@@ -89,7 +91,11 @@ fn towerctl(env: &Env, args: &[&str]) -> (bool, String, String) {
 }
 
 async fn cluster(client: &Client, name: &str) -> Option<Cluster> {
-    Api::<Cluster>::all(client.clone()).get_opt(name).await.ok().flatten()
+    Api::<Cluster>::all(client.clone())
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
 }
 
 /// Waits until the Cluster's AgentAvailable condition has `status`; returns it.
@@ -111,17 +117,32 @@ async fn wait_available(client: &Client, name: &str, status: &str, timeout: Dura
 fn spawn_agent(env: &Env, token: &str, tag: &str) -> Process {
     let file = env.dir.path().join(format!("{tag}.token"));
     std::fs::write(&file, token).unwrap();
-    fixture::spawn_agent_process(&file, &env.member, &env.sa_token_file, &env.dir.path().join(format!("{tag}.log")))
-        .unwrap()
+    fixture::spawn_agent_process(
+        &file,
+        &env.member,
+        &env.sa_token_file,
+        &env.dir.path().join(format!("{tag}.log")),
+    )
+    .unwrap()
 }
 
 fn join_token_from_helm_line(line: &str) -> String {
-    line.split("joinToken=").nth(1).expect("helm line carries joinToken").trim().to_string()
+    line.split("joinToken=")
+        .nth(1)
+        .expect("helm line carries joinToken")
+        .trim()
+        .to_string()
 }
 
 /// Writes `Cluster.spec.connection.kubeconfig` to a file; returns its path.
 fn kubeconfig_file(c: &Cluster, dir: &Path, name: &str) -> PathBuf {
-    let bytes = c.spec.connection.as_ref().and_then(|x| x.kubeconfig.clone()).expect("kubeconfig written").0;
+    let bytes = c
+        .spec
+        .connection
+        .as_ref()
+        .and_then(|x| x.kubeconfig.clone())
+        .expect("kubeconfig written")
+        .0;
     let path = dir.join(format!("{name}.kubeconfig"));
     std::fs::write(&path, bytes).unwrap();
     path
@@ -133,36 +154,80 @@ async fn whole_lifecycle_join_kill_return_revoke() {
     let client = env.host.client().await.unwrap();
     let (ok, out, err) = towerctl(env, &["join", "rivendell"]);
     assert!(ok, "{err}");
-    assert!(out.starts_with("helm upgrade --install tower-agent"), "{out}");
+    assert!(
+        out.starts_with("helm upgrade --install tower-agent"),
+        "{out}"
+    );
     let token = join_token_from_helm_line(&out);
     // The controller writes the kubeconfig and a False condition before any agent.
     let c = wait_available(&client, "rivendell", "False", Duration::from_secs(15)).await;
-    assert_eq!(c.condition("AgentAvailable").unwrap().reason.as_deref(), Some("AgentDisconnected"));
+    assert_eq!(
+        c.condition("AgentAvailable").unwrap().reason.as_deref(),
+        Some("AgentDisconnected")
+    );
 
     let mut agent = spawn_agent(env, &token, "rivendell-1");
     let started = Instant::now();
     let c = wait_available(&client, "rivendell", "True", Duration::from_secs(20)).await;
-    eprintln!("lifecycle: join -> AgentAvailable=True in {:.2?}", started.elapsed());
+    eprintln!(
+        "lifecycle: join -> AgentAvailable=True in {:.2?}",
+        started.elapsed()
+    );
     let kubeconfig = kubeconfig_file(&c, env.dir.path(), "rivendell");
-    let ns = fixture::kubectl(&kubeconfig, &["get", "ns", "-o", "name"], None).await.unwrap();
+    let ns = fixture::kubectl(&kubeconfig, &["get", "ns", "-o", "name"], None)
+        .await
+        .unwrap();
     assert!(ns.contains("namespace/default"));
-    let a = Api::<Agent>::all(client.clone()).get("rivendell").await.unwrap();
+    let a = Api::<Agent>::all(client.clone())
+        .get("rivendell")
+        .await
+        .unwrap();
     let status = a.status.clone().unwrap();
     assert_eq!(status.agent_version.as_deref(), Some(tower_proto::VERSION));
-    assert!(status.connected_since.is_some() && status.serving_replica.as_deref() == Some("tower-server-0"));
-    assert!(status.conditions.iter().any(|c| c.type_ == "Connected" && c.status == "True"));
-    assert_eq!(status.kubeconfig.as_ref().map(|k| &k.0), c.spec.connection.as_ref().unwrap().kubeconfig.as_ref().map(|k| &k.0));
+    assert!(
+        status.connected_since.is_some()
+            && status.serving_replica.as_deref() == Some("tower-server-0")
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Connected" && c.status == "True")
+    );
+    assert_eq!(
+        status.kubeconfig.as_ref().map(|k| &k.0),
+        c.spec
+            .connection
+            .as_ref()
+            .unwrap()
+            .kubeconfig
+            .as_ref()
+            .map(|k| &k.0)
+    );
     let (ok, table, _) = towerctl(env, &["status"]);
-    assert!(ok && table.lines().any(|l| l.starts_with("rivendell") && l.contains("proxy") && l.contains("True")), "{table}");
+    assert!(
+        ok && table
+            .lines()
+            .any(|l| l.starts_with("rivendell") && l.contains("proxy") && l.contains("True")),
+        "{table}"
+    );
 
     // Agent killed: False with a reason.
     let killed = Instant::now();
     agent.kill9();
     let c = wait_available(&client, "rivendell", "False", Duration::from_secs(10)).await;
-    eprintln!("lifecycle: agent kill -9 -> AgentAvailable=False in {:.2?}", killed.elapsed());
+    eprintln!(
+        "lifecycle: agent kill -9 -> AgentAvailable=False in {:.2?}",
+        killed.elapsed()
+    );
     let cond = c.condition("AgentAvailable").unwrap();
     assert_eq!(cond.reason.as_deref(), Some("AgentDisconnected"));
-    assert!(cond.message.as_deref().unwrap_or_default().contains("agent"));
+    assert!(
+        cond.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("agent")
+    );
 
     // Agent back: True.
     let _agent = spawn_agent(env, &token, "rivendell-2");
@@ -174,9 +239,19 @@ async fn whole_lifecycle_join_kill_return_revoke() {
     assert!(ok, "{err}");
     assert!(out.contains("revoked"), "{out}");
     let c = wait_available(&client, "rivendell", "False", Duration::from_secs(5)).await;
-    eprintln!("lifecycle: revoke -> AgentAvailable=False in {:.2?}", revoked.elapsed());
-    assert_eq!(c.condition("AgentAvailable").unwrap().reason.as_deref(), Some("AgentPaused"));
-    assert!(fixture::kubectl(&kubeconfig, &["get", "ns", "--request-timeout=5s"], None).await.is_err());
+    eprintln!(
+        "lifecycle: revoke -> AgentAvailable=False in {:.2?}",
+        revoked.elapsed()
+    );
+    assert_eq!(
+        c.condition("AgentAvailable").unwrap().reason.as_deref(),
+        Some("AgentPaused")
+    );
+    assert!(
+        fixture::kubectl(&kubeconfig, &["get", "ns", "--request-timeout=5s"], None)
+            .await
+            .is_err()
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     let c = cluster(&client, "rivendell").await.unwrap();
     assert_eq!(c.condition("AgentAvailable").unwrap().status, "False");
@@ -202,19 +277,36 @@ async fn kubesphere_console_flow() {
             ..Default::default()
         },
     );
-    Api::<Cluster>::all(client.clone()).create(&PostParams::default(), &c).await.unwrap();
+    Api::<Cluster>::all(client.clone())
+        .create(&PostParams::default(), &c)
+        .await
+        .unwrap();
     let c = wait_available(&client, "lothlorien", "False", Duration::from_secs(15)).await;
     let conn = c.spec.connection.clone().unwrap();
     assert!(conn.kubeconfig.is_some(), "kubeconfig written");
-    assert_eq!(conn.token.as_deref(), Some(ks_token), "KubeSphere's token is kept");
-    assert!(conn.kubernetes_api_endpoint.unwrap().ends_with("/clusters/lothlorien"));
+    assert_eq!(
+        conn.token.as_deref(),
+        Some(ks_token),
+        "KubeSphere's token is kept"
+    );
+    assert!(
+        conn.kubernetes_api_endpoint
+            .unwrap()
+            .ends_with("/clusters/lothlorien")
+    );
 
     // An agent started with that token (plus the server's published address) connects.
-    let info = Api::<ConfigMap>::namespaced(client.clone(), "kubesphere-system").get("tower-server").await.unwrap();
+    let info = Api::<ConfigMap>::namespaced(client.clone(), "kubesphere-system")
+        .get("tower-server")
+        .await
+        .unwrap();
     let data = info.data.unwrap();
     let join = JoinToken {
         claims: Claims {
-            servers: data["sshAddresses"].split(',').map(str::to_string).collect(),
+            servers: data["sshAddresses"]
+                .split(',')
+                .map(str::to_string)
+                .collect(),
             host_key: data["hostKeyFingerprint"].clone(),
             cluster: "lothlorien".into(),
             id: "cluster".into(),
@@ -225,17 +317,31 @@ async fn kubesphere_console_flow() {
     let _agent = spawn_agent(env, &join.encode(), "lothlorien");
     let c = wait_available(&client, "lothlorien", "True", Duration::from_secs(20)).await;
     let kubeconfig = kubeconfig_file(&c, env.dir.path(), "lothlorien");
-    let v = fixture::kubectl(&kubeconfig, &["get", "--raw", "/version"], None).await.unwrap();
+    let v = fixture::kubectl(&kubeconfig, &["get", "--raw", "/version"], None)
+        .await
+        .unwrap();
     assert!(v.contains("v1.35"));
     // Deleting the Cluster ends the live session within 5 s.
     let deleted = Instant::now();
-    Api::<Cluster>::all(client.clone()).delete("lothlorien", &Default::default()).await.unwrap();
+    Api::<Cluster>::all(client.clone())
+        .delete("lothlorien", &Default::default())
+        .await
+        .unwrap();
     let gone = eventually(Duration::from_secs(5), || async {
-        fixture::kubectl(&kubeconfig, &["get", "--raw", "/version", "--request-timeout=2s"], None).await.err()
+        fixture::kubectl(
+            &kubeconfig,
+            &["get", "--raw", "/version", "--request-timeout=2s"],
+            None,
+        )
+        .await
+        .err()
     })
     .await;
     assert!(gone.is_some(), "the session outlived its Cluster");
-    eprintln!("console flow: Cluster deleted -> tunnel refused in {:.2?}", deleted.elapsed());
+    eprintln!(
+        "console flow: Cluster deleted -> tunnel refused in {:.2?}",
+        deleted.elapsed()
+    );
 }
 
 /// One consumer suite, given only a Cluster's `spec.connection.kubeconfig`.
@@ -250,7 +356,13 @@ async fn consumer_suite(c: &Cluster, dir: &Path, tag: &str) -> anyhow::Result<Ve
     let nss: Api<Namespace> = Api::all(client.clone());
     nss.create(
         &PostParams::default(),
-        &Namespace { metadata: ObjectMeta { name: Some(ns_name.clone()), ..Default::default() }, ..Default::default() },
+        &Namespace {
+            metadata: ObjectMeta {
+                name: Some(ns_name.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
     )
     .await?;
     let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), &ns_name);
@@ -270,19 +382,49 @@ async fn consumer_suite(c: &Cluster, dir: &Path, tag: &str) -> anyhow::Result<Ve
         })
     };
     let cm = k8s_openapi::api::core::v1::ConfigMap {
-        metadata: ObjectMeta { name: Some("probe".into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some("probe".into()),
+            ..Default::default()
+        },
         data: Some([("k".to_string(), "v".to_string())].into()),
         ..Default::default()
     };
     cms.create(&PostParams::default(), &cm).await?;
     seen.push(format!("get={:?}", cms.get("probe").await?.data));
-    seen.push(format!("list={}", cms.list(&Default::default()).await?.items.len()));
-    seen.push(format!("watch={}", tokio::time::timeout(Duration::from_secs(10), watch).await??));
+    seen.push(format!(
+        "list={}",
+        cms.list(&Default::default()).await?.items.len()
+    ));
+    seen.push(format!(
+        "watch={}",
+        tokio::time::timeout(Duration::from_secs(10), watch).await??
+    ));
     // kubectl.
-    let out = fixture::kubectl(&path, &["get", "configmap", "probe", "-n", &ns_name, "-o", "jsonpath={.data.k}"], None).await?;
+    let out = fixture::kubectl(
+        &path,
+        &[
+            "get",
+            "configmap",
+            "probe",
+            "-n",
+            &ns_name,
+            "-o",
+            "jsonpath={.data.k}",
+        ],
+        None,
+    )
+    .await?;
     seen.push(format!("kubectl-get={out}"));
-    fixture::kubectl(&path, &["delete", "configmap", "probe", "-n", &ns_name], None).await?;
-    seen.push(format!("after-delete={}", cms.get_opt("probe").await?.is_some()));
+    fixture::kubectl(
+        &path,
+        &["delete", "configmap", "probe", "-n", &ns_name],
+        None,
+    )
+    .await?;
+    seen.push(format!(
+        "after-delete={}",
+        cms.get_opt("probe").await?.is_some()
+    ));
     let version = fixture::kubectl(&path, &["version", "-o", "json"], None).await?;
     let v: serde_json::Value = serde_json::from_str(&version)?;
     seen.push(format!("server={}", v["serverVersion"]["gitVersion"]));
@@ -307,7 +449,10 @@ async fn direct_and_proxy_clusters_behave_the_same() {
             ..Default::default()
         },
     );
-    Api::<Cluster>::all(client.clone()).create(&PostParams::default(), &direct).await.unwrap();
+    Api::<Cluster>::all(client.clone())
+        .create(&PostParams::default(), &direct)
+        .await
+        .unwrap();
     // A proxy Cluster for the same member, joined with towerctl.
     let (ok, out, err) = towerctl(env, &["join", "proxy-member"]);
     assert!(ok, "{err}");
@@ -315,8 +460,12 @@ async fn direct_and_proxy_clusters_behave_the_same() {
     let proxy = wait_available(&client, "proxy-member", "True", Duration::from_secs(20)).await;
     let direct = cluster(&client, "direct-member").await.unwrap();
 
-    let d = consumer_suite(&direct, env.dir.path(), "direct").await.unwrap();
-    let p = consumer_suite(&proxy, env.dir.path(), "proxy").await.unwrap();
+    let d = consumer_suite(&direct, env.dir.path(), "direct")
+        .await
+        .unwrap();
+    let p = consumer_suite(&proxy, env.dir.path(), "proxy")
+        .await
+        .unwrap();
     eprintln!("equivalence: direct {d:?}\n             proxy  {p:?}");
     assert_eq!(d, p, "the same consumer code saw different behaviour");
 
@@ -324,9 +473,22 @@ async fn direct_and_proxy_clusters_behave_the_same() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let direct = cluster(&client, "direct-member").await.unwrap();
     assert!(direct.status.is_none(), "{:?}", direct.status);
-    assert_eq!(direct.spec.connection.clone().unwrap().kubeconfig.unwrap().0, direct_kubeconfig);
+    assert_eq!(
+        direct
+            .spec
+            .connection
+            .clone()
+            .unwrap()
+            .kubeconfig
+            .unwrap()
+            .0,
+        direct_kubeconfig
+    );
     assert!(
-        direct.managed_fields().iter().all(|m| m.manager.as_deref() != Some(tower_server::crd::FIELD_MANAGER)),
+        direct
+            .managed_fields()
+            .iter()
+            .all(|m| m.manager.as_deref() != Some(tower_server::crd::FIELD_MANAGER)),
         "tower-server wrote to a direct cluster"
     );
 }
@@ -396,7 +558,10 @@ async fn deleting_the_agent_object_ends_the_session() {
     let _agent = spawn_agent(env, &join_token_from_helm_line(&out), "moria");
     wait_available(&client, "moria", "True", Duration::from_secs(20)).await;
     let deleted = Instant::now();
-    Api::<Agent>::all(client.clone()).delete("moria", &Default::default()).await.unwrap();
+    Api::<Agent>::all(client.clone())
+        .delete("moria", &Default::default())
+        .await
+        .unwrap();
     // The server ends the session and tells the agent why (the agent may come
     // back afterwards: the Cluster still carries its token).
     let log = env.dir.path().join("moria.log");
@@ -408,6 +573,13 @@ async fn deleting_the_agent_object_ends_the_session() {
         }
     })
     .await;
-    assert!(ended.is_some(), "session not ended within 5 s; agent log:\n{}", tower_tests::testbed::log_tail(&log, 20));
-    eprintln!("agent object deleted -> session ended in {:.2?}", deleted.elapsed());
+    assert!(
+        ended.is_some(),
+        "session not ended within 5 s; agent log:\n{}",
+        tower_tests::testbed::log_tail(&log, 20)
+    );
+    eprintln!(
+        "agent object deleted -> session ended in {:.2?}",
+        deleted.elapsed()
+    );
 }

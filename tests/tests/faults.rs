@@ -174,8 +174,7 @@ async fn read_some(body: &mut Incoming, at_least: usize, needle: Option<&str>) -
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if got.len() >= at_least
-            && needle.is_none_or(|n| String::from_utf8_lossy(&got).contains(n))
+        if got.len() >= at_least && needle.is_none_or(|n| String::from_utf8_lossy(&got).contains(n))
         {
             return got;
         }
@@ -307,7 +306,13 @@ async fn agent_kill9_mid_large_list() {
         "the server still lists the killed agent"
     );
     let noticed = killed.elapsed();
-    let (s, b) = status_of(server.gateway_addr, &ca, &id, &format!("/clusters/{cluster}/version")).await;
+    let (s, b) = status_of(
+        server.gateway_addr,
+        &ca,
+        &id,
+        &format!("/clusters/{cluster}/version"),
+    )
+    .await;
     assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
     assert_status(&b, 503, "ServiceUnavailable");
     eprintln!("agent kill -9 mid LIST: server dropped the session {noticed:.2?} after the kill");
@@ -388,7 +393,14 @@ async fn agent_kill9_mid_watch_then_a_new_agent_serves() {
         &dir.path().join("agent2.log"),
     )
     .unwrap();
-    let back = until_ok(server.gateway_addr, &ca, &id, &version, Duration::from_secs(20)).await;
+    let back = until_ok(
+        server.gateway_addr,
+        &ca,
+        &id,
+        &version,
+        Duration::from_secs(20),
+    )
+    .await;
     let mut h1 = gateway_h1(server.gateway_addr, &ca, &id).await.unwrap();
     let w = h1.send_request(get(&watch)).await.unwrap();
     assert_eq!(w.status(), 200);
@@ -524,9 +536,10 @@ async fn agent_restart_while_requests_flow() {
 async fn server_kill9_and_restart() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();
-    let mut server = ServerProcess::start(&dir.path().join("server"), &dir.path().join("server.log"))
-        .await
-        .unwrap();
+    let mut server =
+        ServerProcess::start(&dir.path().join("server"), &dir.path().join("server.log"))
+            .await
+            .unwrap();
     let cluster = "phoenix";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
@@ -564,12 +577,9 @@ async fn server_kill9_and_restart() {
     assert!(matches!(e2, Ending::Error { .. }), "{e2:?}");
     let watches_ended = killed.elapsed();
     // While it is down, new clients are refused at once.
-    let down = tokio::time::timeout(
-        Duration::from_secs(5),
-        raw::get(gw, &ca, &id, &version),
-    )
-    .await
-    .expect("a request to a dead server hung");
+    let down = tokio::time::timeout(Duration::from_secs(5), raw::get(gw, &ca, &id, &version))
+        .await
+        .expect("a request to a dead server hung");
     assert!(down.is_err(), "{down:?}");
 
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -601,12 +611,8 @@ async fn member_apiserver_down_gives_503_until_it_is_back() {
         .unwrap();
     let cluster = "flaky";
     let token = server.mint(cluster, None).unwrap();
-    let _agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &flaky,
-        &sa_token_file,
-    )
-    .unwrap();
+    let _agent =
+        TowerAgent::start(TokenSource::Literal(token.encode()), &flaky, &sa_token_file).unwrap();
     assert!(
         server
             .wait_connected(cluster, true, Duration::from_secs(20))
@@ -779,8 +785,13 @@ async fn network_blackhole_is_detected_and_heals() {
         .unwrap();
     let relay = Relay::start(server.ssh_addr).await;
     let cluster = "blackhole";
-    let token = fixture::mint_in(&server.state_dir, cluster, vec![relay.addr.to_string()], None)
-        .unwrap();
+    let token = fixture::mint_in(
+        &server.state_dir,
+        cluster,
+        vec![relay.addr.to_string()],
+        None,
+    )
+    .unwrap();
     let agent = TowerAgent::start(
         TokenSource::Literal(token.encode()),
         &env.member,

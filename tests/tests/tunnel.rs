@@ -1022,3 +1022,119 @@ async fn towerctl_mints_lists_and_revokes() {
     let (ok, _, err) = run(&["token", "x", "--server", &server_addr, "--ttl", "5y"]);
     assert!(!ok && err.contains("TTL"), "{err}");
 }
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", "ops")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).to_string())
+}
+
+/// `/healthz`, `/readyz` and `/metrics` on the server and the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_endpoints_report_health_and_metrics() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TowerServer::start(&dir.path().join("server"))
+        .await
+        .unwrap();
+    let ops = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server_ops = ops.local_addr().unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let (s, sd) = (server.server.clone(), shutdown.clone());
+        async move { s.serve_ops(ops, sd).await }
+    });
+    let token = server.mint("osgiliath", None).unwrap();
+    let agent = TowerAgent::start(
+        TokenSource::Literal(token.encode()),
+        &env.member,
+        &env.sa_token_file,
+    )
+    .unwrap();
+    let agent_ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let agent_ops = agent_ops_listener.local_addr().unwrap();
+    tokio::spawn({
+        let (a, sd) = (agent.agent.clone(), shutdown.clone());
+        async move { a.serve_ops(agent_ops_listener, sd).await }
+    });
+    assert!(
+        server
+            .wait_connected("osgiliath", true, Duration::from_secs(10))
+            .await
+    );
+    let kubeconfig = server.kubeconfig_file("osgiliath").unwrap();
+    kubectl(&kubeconfig, &["get", "ns"], None).await.unwrap();
+    // One refused authentication.
+    let mut bad = server.mint("osgiliath-2", None).unwrap();
+    bad.secret = tower_proto::Secret::generate();
+    let refused = TowerAgent::start(
+        TokenSource::Literal(bad.encode()),
+        &env.member,
+        &env.sa_token_file,
+    )
+    .unwrap();
+    refused
+        .wait_status(Duration::from_secs(5), |s| {
+            matches!(s, AgentStatus::Failed(_))
+        })
+        .await;
+    refused.stop().await;
+
+    assert_eq!(http_get(server_ops, "/healthz").await.0, 200);
+    assert_eq!(http_get(server_ops, "/readyz").await.0, 200);
+    let (code, metrics) = http_get(server_ops, "/metrics").await;
+    assert_eq!(code, 200);
+    for want in [
+        "tower_server_sessions 1",
+        "tower_server_channels ",
+        "tower_server_tunnel_bytes_total{direction=\"to_agent\"}",
+        "tower_server_tunnel_bytes_total{direction=\"from_agent\"}",
+        "tower_server_channel_open_seconds_count ",
+        "tower_server_gateway_responses_total{code=\"2xx\"}",
+    ] {
+        assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
+    }
+    let failures: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("tower_server_auth_failures_total "))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(failures >= 1, "{metrics}");
+
+    assert_eq!(http_get(agent_ops, "/readyz").await.0, 200);
+    let (_, agent_metrics) = http_get(agent_ops, "/metrics").await;
+    assert!(
+        agent_metrics.contains("tower_agent_connected 1"),
+        "{agent_metrics}"
+    );
+    assert!(
+        agent_metrics.contains("tower_agent_requests_total{upstream=\"kube-apiserver\"}"),
+        "{agent_metrics}"
+    );
+    assert!(
+        agent_metrics.contains("tower_agent_reconnects_total 0"),
+        "{agent_metrics}"
+    );
+    // The agent is not ready while the server is gone.
+    let mut server = server;
+    server.stop().await;
+    let not_ready = fixture::eventually(Duration::from_secs(5), || async {
+        (http_get(agent_ops, "/readyz").await.0 == 503).then_some(())
+    })
+    .await;
+    assert!(not_ready.is_some());
+    shutdown.cancel();
+}

@@ -43,6 +43,9 @@ struct Args {
     /// Unanswered keepalives before the server is declared gone.
     #[arg(long, env = "TOWER_KEEPALIVE_MAX", default_value_t = 3)]
     keepalive_max: usize,
+    /// Address of the operations endpoints (/healthz, /readyz, /metrics); empty disables them.
+    #[arg(long, env = "TOWER_OPS_LISTEN", default_value = "0.0.0.0:9090")]
+    ops_listen: String,
     /// Longest wait between reconnect attempts, in seconds.
     #[arg(long, env = "TOWER_BACKOFF_MAX", default_value_t = 5.0)]
     backoff_max: f64,
@@ -81,7 +84,7 @@ async fn main() -> anyhow::Result<()> {
     config.keepalive_interval = Duration::from_secs_f64(args.keepalive_interval);
     config.keepalive_max = args.keepalive_max;
     config.backoff_max = Duration::from_secs_f64(args.backoff_max);
-    let agent = Agent::new(config)?;
+    let agent = std::sync::Arc::new(Agent::new(config)?);
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -93,6 +96,14 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
+    if !args.ops_listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&args.ops_listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding ops endpoints {}: {e}", args.ops_listen))?;
+        let agent = agent.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { agent.serve_ops(listener, shutdown).await });
+    }
     agent.run(shutdown).await;
     Ok(())
 }

@@ -118,7 +118,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
                 .max_concurrent_streams(2000);
             let service = service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, std::convert::Infallible>(handle(shared, req).await) }
+                async move {
+                    let resp = handle(shared.clone(), req).await;
+                    shared.metrics.response(resp.status().as_u16());
+                    Ok::<_, std::convert::Infallible>(resp)
+                }
             });
             let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
             tokio::pin!(conn);

@@ -16,6 +16,7 @@ pub mod kube_state;
 pub mod kube_store;
 pub mod kubeconfig;
 pub mod lease;
+pub mod metrics;
 pub mod route;
 pub mod session;
 pub mod ssh;
@@ -93,6 +94,9 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) limiter: ssh::AuthLimiter,
     pub(crate) gateway_tls: Arc<rustls::ServerConfig>,
+    pub(crate) metrics: Arc<metrics::Metrics>,
+    pub(crate) prometheus: std::sync::Mutex<Option<prometheus_client::registry::Registry>>,
+    pub(crate) running: std::sync::atomic::AtomicBool,
 }
 
 /// A Tower server, ready to run.
@@ -120,15 +124,20 @@ impl Server {
         let hosts: Vec<&str> = config.gateway_hosts.iter().map(String::as_str).collect();
         let serving = ca.issue_server(&hosts, Duration::from_secs(365 * 24 * 3600))?;
         let gateway_tls = Arc::new(gateway::tls_config(ca.cert_pem(), &serving)?);
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
                 ca,
                 host_key,
                 store,
-                registry: Registry::default(),
+                registry: Registry::with_metrics(metrics.clone()),
                 limiter: Default::default(),
                 gateway_tls,
+                metrics,
+                prometheus: std::sync::Mutex::new(Some(prometheus)),
+                running: Default::default(),
             }),
         })
     }
@@ -155,6 +164,27 @@ impl Server {
         )
     }
 
+    /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until `shutdown`.
+    /// Ready once [`Server::run`] has started. Call at most once per server.
+    pub async fn serve_ops(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let Some(registry) = self.shared.prometheus.lock().expect("poisoned").take() else {
+            tracing::warn!("ops endpoints already served");
+            return;
+        };
+        let shared = self.shared.clone();
+        let ops = tower_ops::Ops {
+            registry,
+            ready: Box::new(move || {
+                if shared.running.load(std::sync::atomic::Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("listeners not running yet".into())
+                }
+            }),
+        };
+        tower_ops::serve(listener, Arc::new(ops), shutdown).await;
+    }
+
     /// Runs the SSH listener, the gateway and the token re-checker until `shutdown`.
     pub async fn run(
         self,
@@ -176,7 +206,13 @@ impl Server {
         ));
         let shared = self.shared.clone();
         let poll = tokio::spawn(recheck_tokens(shared, shutdown.clone()));
+        self.shared
+            .running
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         shutdown.cancelled().await;
+        self.shared
+            .running
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         let _ = tokio::join!(ssh_task, gw_task, poll);
         Ok(())
     }
@@ -215,11 +251,16 @@ pub async fn run_with_kubernetes(
     client: kube::Client,
     ssh: TcpListener,
     gateway: TcpListener,
+    ops: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     kube_state::sync_identity(&client, &controller_config.namespace, &config.state_dir).await?;
     let store = Arc::new(kube_store::KubeTokenStore::default());
     let server = Server::with_store(config, store.clone())?;
+    if let Some(ops) = ops {
+        let (server, shutdown) = (server.clone(), shutdown.clone());
+        tokio::spawn(async move { server.serve_ops(ops, shutdown).await });
+    }
     let ctrl = tokio::spawn(controller::run(
         server.clone(),
         client,

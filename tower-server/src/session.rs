@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tower_proto::Hello;
 use tower_proto::names::CAP_H2;
 
+use crate::metrics::{DirectionLabel, Metrics};
 use crate::status::Body;
 
 /// Why a request could not be carried to the agent.
@@ -61,6 +62,7 @@ pub struct Session {
     /// Cancelled when the SSH connection ends.
     pub closed: CancellationToken,
     open_channels: Arc<AtomicUsize>,
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
 }
 
 #[derive(Default)]
@@ -99,6 +101,7 @@ impl Session {
             h2: tokio::sync::Mutex::default(),
             closed: CancellationToken::new(),
             open_channels: Arc::default(),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 
@@ -194,10 +197,14 @@ impl Session {
             cluster: self.cluster.clone(),
             reason: e.to_string(),
         })?;
-        self.lock().rtt = Some(started.elapsed());
+        let rtt = started.elapsed();
+        self.lock().rtt = Some(rtt);
+        let metrics = self.metrics.get().cloned().unwrap_or_default();
+        metrics.channel_open_seconds.observe(rtt.as_secs_f64());
         Ok(TokioIo::new(ChannelIo::new(
             channel.into_stream(),
             self.open_channels.clone(),
+            metrics,
         )))
     }
 
@@ -310,22 +317,49 @@ impl Session {
 
 // === impl ChannelIo ===
 
-/// An SSH channel as a byte stream, counted while open.
+/// An SSH channel as a byte stream, counted while open, its bytes metered.
 pub struct ChannelIo {
     inner: russh::ChannelStream<russh::server::Msg>,
     open: Arc<AtomicUsize>,
+    metrics: Arc<Metrics>,
+    to_agent: prometheus_client::metrics::counter::Counter,
+    from_agent: prometheus_client::metrics::counter::Counter,
 }
 
 impl ChannelIo {
-    fn new(inner: russh::ChannelStream<russh::server::Msg>, open: Arc<AtomicUsize>) -> Self {
+    fn new(
+        inner: russh::ChannelStream<russh::server::Msg>,
+        open: Arc<AtomicUsize>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         open.fetch_add(1, Ordering::Relaxed);
-        Self { inner, open }
+        metrics.channels.inc();
+        let to_agent = metrics
+            .bytes
+            .get_or_create(&DirectionLabel {
+                direction: "to_agent",
+            })
+            .clone();
+        let from_agent = metrics
+            .bytes
+            .get_or_create(&DirectionLabel {
+                direction: "from_agent",
+            })
+            .clone();
+        Self {
+            inner,
+            open,
+            metrics,
+            to_agent,
+            from_agent,
+        }
     }
 }
 
 impl Drop for ChannelIo {
     fn drop(&mut self) {
         self.open.fetch_sub(1, Ordering::Relaxed);
+        self.metrics.channels.dec();
     }
 }
 
@@ -335,7 +369,10 @@ impl tokio::io::AsyncRead for ChannelIo {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        self.from_agent.inc_by((buf.filled().len() - before) as u64);
+        poll
     }
 }
 
@@ -345,7 +382,11 @@ impl tokio::io::AsyncWrite for ChannelIo {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            self.to_agent.inc_by(*n as u64);
+        }
+        poll
     }
 
     fn poll_flush(
@@ -371,12 +412,29 @@ impl tokio::io::AsyncWrite for ChannelIo {
 pub struct Registry {
     sessions: Mutex<HashMap<String, Arc<Session>>>,
     changed: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
+    /// A registry that reports into `metrics`.
+    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            ..Default::default()
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// Adds `session`, returning the one it replaced.
     pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
-        let old = self.lock().insert(session.cluster.clone(), session.clone());
+        let _ = session.metrics.set(self.metrics.clone());
+        let mut sessions = self.lock();
+        let old = sessions.insert(session.cluster.clone(), session.clone());
+        self.metrics.sessions.set(sessions.len() as i64);
+        drop(sessions);
         self.changed.send_modify(|g| *g += 1);
         old
     }
@@ -386,6 +444,7 @@ impl Registry {
         let mut sessions = self.lock();
         if sessions.get(cluster).is_some_and(|s| s.id == id) {
             sessions.remove(cluster);
+            self.metrics.sessions.set(sessions.len() as i64);
             drop(sessions);
             self.changed.send_modify(|g| *g += 1);
         }

@@ -58,11 +58,7 @@ pub(crate) fn config(shared: &Shared) -> russh::server::Config {
 /// own (with no inactivity timeout it waits forever for a client's version
 /// line), so garbage, half-open and slow-drip connections would otherwise pile
 /// up without bound.
-pub(crate) async fn serve(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let config = Arc::new(config(&shared));
     let limit = Arc::new(tokio::sync::Semaphore::new(
         shared.config.max_ssh_connections,
@@ -531,6 +527,7 @@ impl Handler for Connection {
                 Ok(Auth::Accept)
             }
             verdict @ (Verdict::Expired | Verdict::Revoked) => {
+                self.shared.metrics.auth_failures.inc();
                 // The peer proved it holds the secret; let it in only far enough to
                 // read why it is refused (on the control channel), then disconnect.
                 tracing::warn!(cluster = user, peer = ?self.peer, reason = verdict.reason(), "agent refused");
@@ -542,6 +539,7 @@ impl Handler for Connection {
                 Ok(Auth::Accept)
             }
             Verdict::Unknown => {
+                self.shared.metrics.auth_failures.inc();
                 tracing::warn!(cluster = user, peer = ?self.peer, "agent auth refused: unknown or wrong token");
                 if let Some(ip) = ip {
                     self.shared.limiter.fail(ip);
@@ -769,7 +767,10 @@ mod tests {
         assert_eq!(a.held(), 4);
         // Full. A newcomer from a quieter source evicts the busiest source's oldest.
         let c1 = a.admit(ip("10.0.0.3")).unwrap();
-        assert!(from_a[0].cut.is_cancelled(), "oldest of the busiest source cut");
+        assert!(
+            from_a[0].cut.is_cancelled(),
+            "oldest of the busiest source cut"
+        );
         assert!(!from_a[1].cut.is_cancelled() && !b1.cut.is_cancelled());
         assert_eq!(a.held(), 4);
         // Now A holds 2, B 1, C 1: a second from B would tie with A, so it is refused.

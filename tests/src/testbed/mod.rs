@@ -129,3 +129,14 @@ pub(crate) fn random_hex(bytes: usize) -> String {
         .expect("read /dev/urandom");
     buf.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// `helm` v4 from [`bin_dir`] (built from `tests/testbed/go/helm`). Panics if it is missing.
+pub fn helm_bin() -> PathBuf {
+    let helm = bin_dir().join("helm");
+    assert!(
+        helm.exists(),
+        "test bed: {} is missing; run tests/testbed/build.sh",
+        helm.display()
+    );
+    helm
+}

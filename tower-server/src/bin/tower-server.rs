@@ -57,6 +57,9 @@ struct Args {
     /// SSH address(es) agents dial, published for `towerctl join` (Kubernetes mode).
     #[arg(long, env = "TOWER_SSH_ADDRESS", value_delimiter = ',')]
     ssh_address: Vec<String>,
+    /// Address of the operations endpoints (/healthz, /readyz, /metrics); empty disables them.
+    #[arg(long, env = "TOWER_OPS_LISTEN", default_value = "0.0.0.0:9090")]
+    ops_listen: String,
     /// Print the bound ports on stdout (`ssh=… gateway=…`), for scripts binding port 0.
     #[arg(long, env = "TOWER_PRINT_PORTS", hide = true)]
     print_ports: bool,
@@ -81,6 +84,15 @@ async fn main() -> anyhow::Result<()> {
     let gateway = tokio::net::TcpListener::bind(&args.gateway_listen)
         .await
         .with_context(|| format!("binding gateway {}", args.gateway_listen))?;
+    let ops = if args.ops_listen.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&args.ops_listen)
+                .await
+                .with_context(|| format!("binding ops endpoints {}", args.ops_listen))?,
+        )
+    };
     if args.print_ports {
         println!(
             "ssh={} gateway={}",
@@ -106,9 +118,16 @@ async fn main() -> anyhow::Result<()> {
             .context("connecting to Kubernetes (in-cluster or $KUBECONFIG)")?;
         let mut ctrl = ControllerConfig::new(args.namespace, args.replica);
         ctrl.ssh_addresses = args.ssh_address;
-        return tower_server::run_with_kubernetes(config, ctrl, client, ssh, gateway, shutdown).await;
+        return tower_server::run_with_kubernetes(
+            config, ctrl, client, ssh, gateway, ops, shutdown,
+        )
+        .await;
     }
     let server = Server::open(config)
         .with_context(|| format!("opening state dir {}", args.state_dir.display()))?;
+    if let Some(ops) = ops {
+        let (server, shutdown) = (server.clone(), shutdown.clone());
+        tokio::spawn(async move { server.serve_ops(ops, shutdown).await });
+    }
     server.run(ssh, gateway, shutdown).await
 }

@@ -1,0 +1,95 @@
+//! Operations endpoints for the Tower server and agent: `/healthz` (the process
+//! runs), `/readyz` (it can do its job, as the caller decides) and `/metrics`
+//! (Prometheus text format), on a plain-HTTP listener of their own.
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use prometheus_client;
+
+/// What the endpoints report.
+pub struct Ops {
+    pub registry: Registry,
+    /// Readiness check; `Err` carries the reason shown on `/readyz`.
+    pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
+}
+
+/// Serves the endpoints on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationToken) {
+    loop {
+        let (socket, _) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ops accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let ops = ops.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
+                let ops = ops.clone();
+                async move { Ok::<_, std::convert::Infallible>(answer(&ops, req.uri().path())) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(TokioIo::new(socket), svc)
+                .await;
+        });
+    }
+}
+
+fn answer(ops: &Ops, path: &str) -> Response<Full<Bytes>> {
+    let (status, content_type, body) = match path {
+        "/healthz" | "/livez" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+        "/readyz" => match (ops.ready)() {
+            Ok(()) => (StatusCode::OK, "text/plain", "ok\n".to_string()),
+            Err(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        "/metrics" => {
+            let mut out = String::new();
+            match prometheus_client::encoding::text::encode(&mut out, &ops.registry) {
+                Ok(()) => (
+                    StatusCode::OK,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    out,
+                ),
+                Err(_) => (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/plain",
+                    "encoding failed\n".into(),
+                ),
+            }
+        }
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found; try /healthz, /readyz or /metrics\n".into(),
+        ),
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    resp
+}

@@ -1,0 +1,939 @@
+//! The Helm charts against the test bed, with helm v4 built from the Go module
+//! proxy and kubectl/kube-apiserver v1.35:
+//!
+//! - `helm lint --strict` is clean for both charts (several value sets);
+//! - `helm template … | kubectl apply --dry-run=server -f -` passes against a
+//!   host apiserver (server chart, with the chart's CRDs applied for real) and a
+//!   member apiserver (agent chart);
+//! - the CRDs in `charts/tower-server/crds/` are byte-for-byte what `towerctl
+//!   crds` generates from the Rust types;
+//! - the CRDs the chart installs serve the controller's types (`Cluster`,
+//!   `Agent`) without losing a field;
+//! - a server running with only the chart's RBAC does its whole job: identity
+//!   Secrets, Lease, info ConfigMap, tokens, kubeconfigs, conditions, Agent
+//!   status and `tokenRef` Secrets, and an agent connects through it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret as KubeSecret};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::CustomResourceExt;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_agent::TokenSource;
+use tower_proto::token::{Claims, JoinToken, Secret};
+use tower_server::controller::ControllerConfig;
+use tower_server::crd::{
+    Agent, AgentSpec, AgentStatus, Cluster, ClusterSpec, ClusterStatus, Condition, Connection,
+    TokenRef,
+};
+use tower_server::kube_store::AGENT_TOKEN_ID;
+use tower_tests::fixture::{self, TowerAgent, agent_credential, eventually};
+use tower_tests::testbed::{ControlPlane, Testbed, helm_bin, install_crypto_provider};
+
+const KUBE_VERSION: &str = "v1.35.8";
+const SERVER_NS: &str = "kubesphere-system";
+const CRD_FIX: &str =
+    "cargo run -p tower-server --bin towerctl -- crds --output-dir charts/tower-server/crds";
+
+fn charts_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts")
+}
+
+fn chart(name: &str) -> String {
+    charts_dir().join(name).display().to_string()
+}
+
+/// Runs helm with private config, cache and data directories; returns
+/// (success, stdout, stderr).
+fn helm(args: &[&str]) -> (bool, String, String) {
+    let home = tempfile::tempdir().expect("helm home");
+    let out = std::process::Command::new(helm_bin())
+        .args(args)
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .env_remove("KUBECONFIG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running helm");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `helm template` for v1.35; panics with helm's stderr on failure.
+fn template(release: &str, chart_name: &str, namespace: &str, extra: &[&str]) -> String {
+    let chart = chart(chart_name);
+    let mut args = vec![
+        "template",
+        release,
+        chart.as_str(),
+        "--namespace",
+        namespace,
+        "--kube-version",
+        KUBE_VERSION,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, out, err) = helm(&args);
+    assert!(ok, "helm {} failed:\n{err}", args.join(" "));
+    out
+}
+
+/// A join token as `towerctl join` prints it in its helm line.
+fn realistic_join_token(cluster: &str) -> String {
+    JoinToken {
+        claims: Claims {
+            servers: vec!["tower.example.com:7022".into(), "10.0.0.7:7022".into()],
+            host_key: "SHA256:Y2hhcnRzLXRlc3QtaG9zdC1rZXktZmluZ2VycHJpbnQ".into(),
+            cluster: cluster.into(),
+            id: "cluster".into(),
+            expires: None,
+        },
+        secret: Secret::generate(),
+    }
+    .encode()
+}
+
+// === the shared test bed: a host and a member ===
+
+struct Env {
+    _bed: Testbed,
+    host: ControlPlane,
+    member: ControlPlane,
+}
+
+fn env() -> &'static Env {
+    static ENV: OnceLock<Env> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async move {
+                tx.send(start_env().await).expect("send env");
+                std::future::pending::<()>().await;
+            });
+        });
+        rx.recv()
+            .expect("env started")
+            .expect("starting the charts test bed")
+    })
+}
+
+async fn start_env() -> anyhow::Result<Env> {
+    let started = Instant::now();
+    let bed = Testbed::start().await?;
+    fixture::log_to_file(&bed.dir().join("tower-charts.log"));
+    let mut clusters = bed.clusters(&["host", "member"]).await?;
+    let member = clusters.pop().expect("member");
+    let host = clusters.pop().expect("host");
+    // The chart's CRDs, for real, as `helm install` would put them.
+    let crds = charts_dir().join("tower-server/crds").display().to_string();
+    host.run_kubectl(&["apply", "--server-side", "-f", &crds], None)
+        .await?;
+    host.run_kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/clusters.cluster.kubesphere.io",
+            "crd/agents.tower.kubesphere.io",
+        ],
+        None,
+    )
+    .await?;
+    for cp in [&host, &member] {
+        create_namespace(cp, SERVER_NS).await?;
+    }
+    eprintln!(
+        "charts: test bed (host with CRDs, member) ready in {:.2?}",
+        started.elapsed()
+    );
+    Ok(Env {
+        _bed: bed,
+        host,
+        member,
+    })
+}
+
+async fn create_namespace(cp: &ControlPlane, name: &str) -> anyhow::Result<()> {
+    let manifest = format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {name}\n");
+    cp.run_kubectl(&["apply", "-f", "-"], Some(&manifest))
+        .await
+        .map(drop)
+}
+
+/// `kubectl apply --dry-run=server -f -` with `manifest`; returns kubectl's output.
+async fn dry_run(cp: &ControlPlane, manifest: &str) -> String {
+    match cp
+        .run_kubectl(&["apply", "--dry-run=server", "-f", "-"], Some(manifest))
+        .await
+    {
+        Ok(out) => out,
+        Err(e) => panic!("server-side dry run failed: {e:#}\nmanifest:\n{manifest}"),
+    }
+}
+
+/// `kubectl auth can-i … --as <user>` on `cp`: true for "yes".
+async fn can_i(cp: &ControlPlane, user: &str, args: &[&str]) -> bool {
+    let out = cp
+        .kubectl()
+        .args(["auth", "can-i"])
+        .args(args)
+        .arg(format!("--as={user}"))
+        .output()
+        .await
+        .expect("kubectl auth can-i");
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    match answer.as_str() {
+        "yes" => true,
+        "no" => false,
+        _ => panic!(
+            "kubectl auth can-i {}: unexpected answer {answer:?}; stderr: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    }
+}
+
+// === lint ===
+
+#[test]
+fn helm_lint_is_clean_for_both_charts() {
+    let started = Instant::now();
+    let cases: &[(&str, &[&str])] = &[
+        ("tower-server", &[]),
+        (
+            "tower-server",
+            &[
+                "--set",
+                "replicaCount=2,service.type=LoadBalancer,service.nodePorts.ssh=30722",
+                "--set",
+                "sshAddress={tower.example.com:7022},gateway.url=https://tower.example.com",
+                "--set",
+                "rbac.tokenRefSecretNames={agent-tokens},rbac.tokenRefNamespaces={tower-tokens}",
+                "--set",
+                "podDisruptionBudget.minAvailable=1",
+            ],
+        ),
+        ("tower-agent", &[]),
+        ("tower-agent", &["--set", "joinToken=tower1.abc.def"]),
+        (
+            "tower-agent",
+            &[
+                "--set",
+                "rbac.mode=restricted,existingSecret.name=my-token,existingSecret.key=token",
+                "--set",
+                "ksApiserver.url=https://ks-apiserver.kubesphere-system.svc",
+            ],
+        ),
+    ];
+    for (name, sets) in cases {
+        let chart = chart(name);
+        let mut args = vec!["lint", "--strict", "--kube-version", KUBE_VERSION, &chart];
+        args.extend_from_slice(sets);
+        let (ok, out, err) = helm(&args);
+        assert!(ok, "helm {} failed:\n{out}\n{err}", args.join(" "));
+        assert!(
+            out.contains("1 chart(s) linted, 0 chart(s) failed"),
+            "helm {}:\n{out}\n{err}",
+            args.join(" ")
+        );
+        for bad in ["[WARNING]", "[ERROR]"] {
+            assert!(
+                !out.contains(bad) && !err.contains(bad),
+                "helm {} reports {bad}:\n{out}\n{err}",
+                args.join(" ")
+            );
+        }
+    }
+    // A wrong RBAC mode is refused, not silently turned into cluster-admin.
+    let chart = chart("tower-agent");
+    let (ok, out, err) = helm(&["template", "x", &chart, "--set", "rbac.mode=everything"]);
+    assert!(!ok, "rbac.mode=everything rendered:\n{out}");
+    assert!(err.contains("rbac.mode must be"), "{err}");
+    eprintln!(
+        "charts: helm lint (5 value sets) in {:.2?}",
+        started.elapsed()
+    );
+}
+
+// === CRD drift ===
+
+#[test]
+fn chart_crds_match_the_rust_types() {
+    let towerctl = fixture::workspace_bin("tower-server", "towerctl");
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(&towerctl)
+        .args(["crds", "--output-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("running towerctl crds");
+    assert!(
+        out.status.success(),
+        "towerctl crds failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list = |d: &Path| -> BTreeMap<String, Vec<u8>> {
+        std::fs::read_dir(d)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", d.display()))
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .map(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().into_owned();
+                (name, std::fs::read(&p).unwrap())
+            })
+            .collect()
+    };
+    let generated = list(dir.path());
+    let chart = list(&charts_dir().join("tower-server/crds"));
+    assert!(!generated.is_empty(), "towerctl crds wrote nothing");
+    let names = |m: &BTreeMap<String, Vec<u8>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        names(&chart),
+        names(&generated),
+        "charts/tower-server/crds/ holds other files than `towerctl crds` generates; \
+         remove the stale ones and run:\n  {CRD_FIX}"
+    );
+    for (name, bytes) in &generated {
+        assert!(
+            chart[name] == *bytes,
+            "charts/tower-server/crds/{name} differs from the Rust types in \
+             tower-server/src/crd.rs; regenerate it with:\n  {CRD_FIX}"
+        );
+    }
+}
+
+// === server-side dry runs ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_chart_dry_runs_on_the_host() {
+    let env = env();
+    let started = Instant::now();
+    create_namespace(&env.host, "tower-tokens").await.unwrap();
+    let defaults = template("tower-server", "tower-server", SERVER_NS, &[]);
+    let out = dry_run(&env.host, &defaults).await;
+    for object in [
+        "serviceaccount/tower-server",
+        "clusterrole.rbac.authorization.k8s.io/tower-server",
+        "clusterrolebinding.rbac.authorization.k8s.io/tower-server",
+        "role.rbac.authorization.k8s.io/tower-server",
+        "rolebinding.rbac.authorization.k8s.io/tower-server",
+        "service/tower",
+        "deployment.apps/tower-server",
+        "poddisruptionbudget.policy/tower-server",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(object) && l.ends_with("(server dry run)")),
+            "{object} missing from the dry run:\n{out}"
+        );
+    }
+    // The rendered Deployment carries what the server needs.
+    for needle in [
+        "- --kubernetes",
+        "fieldPath: metadata.name",
+        "fieldPath: metadata.namespace",
+        "name: TOWER_GATEWAY_URL",
+        "value: \"https://tower.kubesphere-system.svc:8443\"",
+        "path: /healthz",
+        "path: /readyz",
+        "containerPort: 9090",
+        "readOnlyRootFilesystem: true",
+        "runAsNonRoot: true",
+    ] {
+        assert!(defaults.contains(needle), "{needle:?} not rendered");
+    }
+    let tuned = template(
+        "tower",
+        "tower-server",
+        SERVER_NS,
+        &[
+            "--set",
+            "replicaCount=2,service.type=LoadBalancer,service.nodePorts.ssh=30722",
+            "--set",
+            "service.externalTrafficPolicy=Local,service.loadBalancerSourceRanges={10.0.0.0/8}",
+            "--set",
+            "sshAddress={tower.example.com:7022},gateway.url=https://tower.example.com",
+            "--set",
+            "rbac.tokenRefSecretNames={agent-tokens},rbac.tokenRefNamespaces={tower-tokens}",
+            "--set",
+            "podDisruptionBudget.minAvailable=1",
+        ],
+    );
+    let out = dry_run(&env.host, &tuned).await;
+    assert!(
+        out.contains("role.rbac.authorization.k8s.io/tower-tower-server-token-refs"),
+        "{out}"
+    );
+    assert!(tuned.contains("value: \"tower.example.com:7022\""));
+    assert!(
+        tuned.contains(",tower.example.com\""),
+        "gateway URL host in the certificate hosts"
+    );
+    eprintln!(
+        "charts: server chart dry runs (2 value sets) in {:.2?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_chart_dry_runs_on_a_member() {
+    let env = env();
+    let started = Instant::now();
+    // The helm line `towerctl join` prints, token and all.
+    let token = realistic_join_token("gondor");
+    let set_token = format!("joinToken={token}");
+    let defaults = template(
+        "tower-agent",
+        "tower-agent",
+        SERVER_NS,
+        &["--set", &set_token],
+    );
+    let out = dry_run(&env.member, &defaults).await;
+    for object in [
+        "serviceaccount/tower-agent",
+        "secret/tower-agent-join-token",
+        "clusterrolebinding.rbac.authorization.k8s.io/tower-agent",
+        "deployment.apps/tower-agent",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(object) && l.ends_with("(server dry run)")),
+            "{object} missing from the dry run:\n{out}"
+        );
+    }
+    assert!(defaults.contains("name: cluster-admin"));
+    assert!(defaults.contains("value: /etc/tower/join/joinToken"));
+    // `--set joinToken=…` reaches the Secret unchanged.
+    let secret = template(
+        "tower-agent",
+        "tower-agent",
+        SERVER_NS,
+        &["--set", &set_token, "--show-only", "templates/secret.yaml"],
+    );
+    let secret: serde_json::Value = yaml_serde::from_str(&secret).unwrap();
+    let stored = secret["data"]["joinToken"]
+        .as_str()
+        .expect("data.joinToken");
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(stored)
+        .unwrap();
+    assert_eq!(String::from_utf8(stored).unwrap(), token);
+    assert!(JoinToken::parse(&token).is_ok());
+
+    // Restricted RBAC, an existing Secret, ks-apiserver, in the release namespace.
+    create_namespace(&env.member, "tower-agent-ro")
+        .await
+        .unwrap();
+    let restricted = template(
+        "ro",
+        "tower-agent",
+        "tower-agent-ro",
+        &[
+            "--set",
+            "namespace=,rbac.mode=restricted,existingSecret.name=my-token",
+            "--set",
+            "ksApiserver.url=https://ks-apiserver.kubesphere-system.svc",
+        ],
+    );
+    assert!(!restricted.contains("kind: Secret"), "{restricted}");
+    let out = dry_run(&env.member, &restricted).await;
+    assert!(
+        out.contains("clusterrole.rbac.authorization.k8s.io/ro-tower-agent"),
+        "{out}"
+    );
+    assert!(out.contains("deployment.apps/ro-tower-agent"), "{out}");
+
+    // Installed for real, the restricted role reads but never writes or sees Secrets.
+    env.member
+        .run_kubectl(&["apply", "-f", "-"], Some(&restricted))
+        .await
+        .unwrap();
+    let user = "system:serviceaccount:tower-agent-ro:ro-tower-agent";
+    for (args, want) in [
+        (&["list", "pods", "-A"][..], true),
+        (&["watch", "deployments.apps", "-A"], true),
+        (&["get", "nodes"], true),
+        (&["get", "/version"], true),
+        (&["get", "secrets", "-n", "kube-system"], false),
+        (&["create", "deployments.apps", "-n", "default"], false),
+        (&["delete", "pods", "-n", "default"], false),
+        (
+            &["create", "pods", "--subresource=exec", "-n", "default"],
+            false,
+        ),
+    ] {
+        assert_eq!(
+            can_i(&env.member, user, args).await,
+            want,
+            "restricted agent: can-i {}",
+            args.join(" ")
+        );
+    }
+    eprintln!(
+        "charts: agent chart dry runs (2 value sets) and restricted RBAC in {:.2?}",
+        started.elapsed()
+    );
+}
+
+// === the CRDs serve the controller's types ===
+
+fn ts(secs: i64) -> Time {
+    Time(Timestamp::from_second(secs).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_crds_serve_the_controllers_types() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+
+    // What the apiserver serves is the types' own schema.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for want in [Cluster::crd(), Agent::crd()] {
+        let name = want.metadata.name.clone().unwrap();
+        let served = crds.get(&name).await.unwrap();
+        let schema = |c: &CustomResourceDefinition| {
+            serde_json::to_value(&c.spec.versions[0].schema).unwrap()
+        };
+        assert_eq!(
+            schema(&served),
+            schema(&want),
+            "{name}: the served schema is not the Rust types'"
+        );
+        assert_eq!(served.spec.group, want.spec.group);
+        assert_eq!(served.spec.scope, want.spec.scope);
+    }
+
+    // A Cluster with every field set survives the round trip (nothing pruned).
+    let clusters: Api<Cluster> = Api::all(client.clone());
+    let spec = ClusterSpec {
+        join_federation: Some(true),
+        enable: Some(true),
+        provider: Some("kubesphere".into()),
+        connection: Some(Connection {
+            type_: Some("direct".into()),
+            kubesphere_api_endpoint: Some("https://ks.example.com".into()),
+            kubernetes_api_endpoint: Some("https://k8s.example.com:6443".into()),
+            external_kubernetes_api_endpoint: Some("https://ext.example.com:6443".into()),
+            kubeconfig: Some(ByteString(b"apiVersion: v1\nkind: Config\n".to_vec())),
+            token: Some("ks-token".into()),
+            kubernetes_api_server_port: Some(6443),
+            kubesphere_api_server_port: Some(30880),
+        }),
+        external_kube_api_enabled: Some(false),
+        config: Some(ByteString(b"monitoring: true\n".to_vec())),
+    };
+    let name = "charts-roundtrip";
+    let created = clusters
+        .create(&PostParams::default(), &Cluster::new(name, spec.clone()))
+        .await
+        .unwrap();
+    assert_eq!(created.spec, spec);
+    let status = ClusterStatus {
+        conditions: vec![Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            last_update_time: Some(ts(1_700_000_000)),
+            last_transition_time: Some(ts(1_700_000_100)),
+            reason: Some("Ready".into()),
+            message: Some("cluster is ready".into()),
+        }],
+        kubernetes_version: Some(KUBE_VERSION.into()),
+        kube_sphere_version: Some("v4.1.3".into()),
+        node_count: Some(3),
+        zones: Some(vec!["zone-a".into(), "zone-b".into()]),
+        region: Some("region-1".into()),
+        configz: Some([("monitoring".to_string(), true)].into()),
+        uid: Some("6f3c2a8e-0000-4000-8000-000000000001".into()),
+    };
+    clusters
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+    let got = clusters.get(name).await.unwrap();
+    assert_eq!(got.spec, spec, "Cluster spec fields were dropped");
+    assert_eq!(
+        got.status,
+        Some(status),
+        "Cluster status fields were dropped"
+    );
+
+    // An Agent likewise, spec and status.
+    let agents: Api<Agent> = Api::all(client.clone());
+    let spec = AgentSpec {
+        token_ref: Some(TokenRef {
+            namespace: SERVER_NS.into(),
+            name: "charts-roundtrip-token".into(),
+            key: "token".into(),
+        }),
+        paused: Some(true),
+    };
+    agents
+        .create(&PostParams::default(), &Agent::new(name, spec.clone()))
+        .await
+        .unwrap();
+    let status = AgentStatus {
+        conditions: vec![Condition {
+            type_: "Connected".into(),
+            status: "False".into(),
+            last_update_time: Some(ts(1_700_000_200)),
+            last_transition_time: Some(ts(1_700_000_200)),
+            reason: Some("AgentPaused".into()),
+            message: Some("paused".into()),
+        }],
+        kubeconfig: Some(ByteString(b"apiVersion: v1\nkind: Config\n".to_vec())),
+        agent_version: Some(tower_proto::VERSION.into()),
+        connected_since: Some(ts(1_700_000_000)),
+        last_heartbeat: Some(ts(1_700_000_150)),
+        rtt_millis: Some(7),
+        serving_replica: Some("tower-server-0".into()),
+    };
+    agents
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+    let got = agents.get(name).await.unwrap();
+    assert_eq!(got.spec, spec, "Agent spec fields were dropped");
+    assert_eq!(got.status, Some(status), "Agent status fields were dropped");
+
+    // kubectl shows the printer columns.
+    let table = env
+        .host
+        .run_kubectl(&["get", "agents.tower.kubesphere.io", name], None)
+        .await
+        .unwrap();
+    assert!(
+        table.contains("CONNECTED") && table.contains("RTT-MS") && table.contains("False"),
+        "{table}"
+    );
+    let table = env
+        .host
+        .run_kubectl(&["get", "clusters.cluster.kubesphere.io", name], None)
+        .await
+        .unwrap();
+    assert!(
+        table.contains("FEDERATED") && table.contains(KUBE_VERSION),
+        "{table}"
+    );
+    let _ = clusters.delete(name, &Default::default()).await;
+    let _ = agents.delete(name, &Default::default()).await;
+}
+
+// === the server works with exactly the chart's RBAC ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_runs_with_only_the_charts_rbac() {
+    let env = env();
+    let started = Instant::now();
+    let host = &env.host;
+    let admin = host.client().await.unwrap();
+    // Install the rendered chart for real (nothing runs its pods here).
+    let manifest = template("tower-server", "tower-server", SERVER_NS, &[]);
+    host.run_kubectl(&["apply", "-f", "-"], Some(&manifest))
+        .await
+        .unwrap();
+    let user = "system:serviceaccount:kubesphere-system:tower-server";
+
+    // Least privilege: what it may and may not do.
+    let ns = ["-n", SERVER_NS];
+    for (args, want) in [
+        (vec!["watch", "clusters.cluster.kubesphere.io"], true),
+        (vec!["patch", "clusters.cluster.kubesphere.io"], true),
+        (
+            vec![
+                "patch",
+                "clusters.cluster.kubesphere.io",
+                "--subresource=status",
+            ],
+            true,
+        ),
+        (
+            vec![
+                "patch",
+                "agents.tower.kubesphere.io",
+                "--subresource=status",
+            ],
+            true,
+        ),
+        (vec!["create", "clusters.cluster.kubesphere.io"], false),
+        (vec!["delete", "clusters.cluster.kubesphere.io"], false),
+        (vec!["delete", "agents.tower.kubesphere.io"], false),
+        (
+            vec![
+                "update",
+                "agents.tower.kubesphere.io",
+                "--subresource=status",
+            ],
+            false,
+        ),
+        (vec!["get", "secrets/tower-ca", ns[0], ns[1]], true),
+        (vec!["create", "secrets", ns[0], ns[1]], true),
+        (vec!["list", "secrets", ns[0], ns[1]], false),
+        (vec!["delete", "secrets/tower-ca", ns[0], ns[1]], false),
+        (vec!["update", "secrets/tower-ca", ns[0], ns[1]], false),
+        (vec!["get", "secrets", "-n", "default"], false),
+        (
+            vec![
+                "update",
+                "leases.coordination.k8s.io/tower-server-leader",
+                ns[0],
+                ns[1],
+            ],
+            true,
+        ),
+        (
+            vec![
+                "update",
+                "leases.coordination.k8s.io/kube-scheduler",
+                ns[0],
+                ns[1],
+            ],
+            false,
+        ),
+        (vec!["patch", "configmaps/tower-server", ns[0], ns[1]], true),
+        (vec!["patch", "configmaps/other", ns[0], ns[1]], false),
+        (vec!["list", "pods", "-A"], false),
+    ] {
+        assert_eq!(
+            can_i(host, user, &args).await,
+            want,
+            "tower-server: can-i {}",
+            args.join(" ")
+        );
+    }
+
+    // A proxy Cluster without a token, and its Agent with a tokenRef Secret.
+    let name = "charts-rbac";
+    let ref_token = Secret::generate();
+    Api::<KubeSecret>::namespaced(admin.clone(), SERVER_NS)
+        .create(
+            &PostParams::default(),
+            &KubeSecret {
+                metadata: ObjectMeta {
+                    name: Some(format!("{name}-token")),
+                    ..Default::default()
+                },
+                string_data: Some([("token".to_string(), ref_token.expose().to_string())].into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let clusters: Api<Cluster> = Api::all(admin.clone());
+    clusters
+        .create(
+            &PostParams::default(),
+            &Cluster::new(
+                name,
+                ClusterSpec {
+                    enable: Some(true),
+                    connection: Some(Connection {
+                        type_: Some("proxy".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ),
+        )
+        .await
+        .unwrap();
+    let agents: Api<Agent> = Api::all(admin.clone());
+    agents
+        .create(
+            &PostParams::default(),
+            &Agent::new(
+                name,
+                AgentSpec {
+                    token_ref: Some(TokenRef {
+                        namespace: SERVER_NS.into(),
+                        name: format!("{name}-token"),
+                        key: "token".into(),
+                    }),
+                    paused: None,
+                },
+            ),
+        )
+        .await
+        .unwrap();
+
+    // The server, in-process, with nothing but the chart's service account.
+    install_crypto_provider();
+    let sa_token = host
+        .service_account_token(SERVER_NS, "tower-server", false)
+        .await
+        .unwrap();
+    let sa_client = host.client_with_token(&sa_token).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ssh = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ssh_addr = ssh.local_addr().unwrap();
+    let gateway_addr = gateway.local_addr().unwrap();
+    let mut config = tower_server::ServerConfig::new(
+        dir.path().join("state"),
+        format!("https://{gateway_addr}"),
+    );
+    config.store_poll = Duration::from_millis(250);
+    let replica = "tower-server-rbac-0";
+    let mut ctrl = ControllerConfig::new(SERVER_NS, replica);
+    ctrl.ssh_addresses = vec![ssh_addr.to_string()];
+    ctrl.lease_renew = Duration::from_secs(1);
+    ctrl.lease_duration = Duration::from_secs(4);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(tower_server::run_with_kubernetes(
+        config,
+        ctrl,
+        sa_client,
+        ssh,
+        gateway,
+        shutdown.clone(),
+    ));
+    let _stop = shutdown.clone().drop_guard();
+    let fail = |what: &str| {
+        let what = what.to_string();
+        let finished = server.is_finished();
+        async move {
+            let log = fixture::log_file()
+                .map(|p| tower_tests::testbed::log_tail(&p, 40))
+                .unwrap_or_default();
+            panic!("{what} (server task finished: {finished}); log tail:\n{log}")
+        }
+    };
+
+    // Identity Secrets, Lease, info ConfigMap.
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), SERVER_NS);
+    let Some(info) = eventually(Duration::from_secs(30), || async {
+        cms.get_opt("tower-server").await.ok().flatten()?.data
+    })
+    .await
+    else {
+        return fail("the server never published its info ConfigMap").await;
+    };
+    assert_eq!(info["sshAddresses"], ssh_addr.to_string());
+    let secrets: Api<KubeSecret> = Api::namespaced(admin.clone(), SERVER_NS);
+    for s in ["tower-ca", "tower-ssh-host-key"] {
+        assert!(
+            secrets.get_opt(s).await.unwrap().is_some(),
+            "Secret {s} missing"
+        );
+    }
+    let lease = Api::<Lease>::namespaced(admin.clone(), SERVER_NS)
+        .get("tower-server-leader")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity).as_deref(),
+        Some(replica)
+    );
+
+    // The proxy Cluster: a generated token, a kubeconfig, AgentAvailable=False.
+    let cluster_with = |status: &'static str| {
+        let clusters = clusters.clone();
+        move || {
+            let clusters = clusters.clone();
+            async move {
+                let c = clusters.get_opt(name).await.ok().flatten()?;
+                let ready = c.token().is_some()
+                    && c.spec.connection.as_ref()?.kubeconfig.is_some()
+                    && c.condition("AgentAvailable")?.status == status;
+                ready.then_some(c)
+            }
+        }
+    };
+    if eventually(Duration::from_secs(30), cluster_with("False"))
+        .await
+        .is_none()
+    {
+        return fail(&format!(
+            "Cluster {name} never got a token, a kubeconfig and AgentAvailable=False: {:?}",
+            clusters.get_opt(name).await
+        ))
+        .await;
+    }
+
+    // An agent with the tokenRef token (read from the Secret by the server) connects.
+    let member_dir = tempfile::tempdir().unwrap();
+    let (_, upstream_token) = agent_credential(&env.member, member_dir.path())
+        .await
+        .unwrap();
+    let join = JoinToken {
+        claims: Claims {
+            servers: vec![ssh_addr.to_string()],
+            host_key: info["hostKeyFingerprint"].clone(),
+            cluster: name.into(),
+            id: AGENT_TOKEN_ID.into(),
+            expires: None,
+        },
+        secret: ref_token,
+    };
+    let agent = TowerAgent::start(
+        TokenSource::Literal(join.encode()),
+        &env.member,
+        &upstream_token,
+    )
+    .unwrap();
+    let Some(cluster) = eventually(Duration::from_secs(30), cluster_with("True")).await else {
+        return fail(&format!(
+            "the agent never became available: {:?}",
+            clusters.get_opt(name).await
+        ))
+        .await;
+    };
+    let Some(status) = eventually(Duration::from_secs(15), || async {
+        let s = agents.get_opt(name).await.ok().flatten()?.status?;
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Connected" && c.status == "True")
+            .then_some(s)
+    })
+    .await
+    else {
+        return fail("the Agent status never said Connected=True").await;
+    };
+    assert_eq!(status.serving_replica.as_deref(), Some(replica));
+    assert_eq!(status.agent_version.as_deref(), Some(tower_proto::VERSION));
+
+    // And the Cluster's kubeconfig reaches the member through the tunnel.
+    let kubeconfig = dir.path().join("charts-rbac.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        &cluster.spec.connection.unwrap().kubeconfig.unwrap().0,
+    )
+    .unwrap();
+    let ns = fixture::kubectl(&kubeconfig, &["get", "ns", "-o", "name"], None)
+        .await
+        .unwrap();
+    assert!(ns.contains("namespace/kube-system"), "{ns}");
+    eprintln!(
+        "charts: server with only the chart's RBAC: identity, lease, token, kubeconfig, tokenRef agent in {:.2?}",
+        started.elapsed()
+    );
+    agent.stop().await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
+    let _ = clusters.delete(name, &Default::default()).await;
+    let _ = agents.delete(name, &Default::default()).await;
+}

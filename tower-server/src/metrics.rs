@@ -1,0 +1,91 @@
+//! Prometheus metrics of the server: sessions, tunnel channels, bytes through
+//! the tunnel, channel-open (dial) latency, authentication failures and gateway
+//! responses.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    /// `to_agent` or `from_agent`.
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// Status class: `2xx`, `3xx`, `4xx`, `5xx`, or `101`.
+    pub code: &'static str,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    pub sessions: Gauge,
+    pub channels: Gauge,
+    pub bytes: Family<DirectionLabel, Counter>,
+    pub channel_open_seconds: Histogram,
+    pub auth_failures: Counter,
+    pub responses: Family<CodeLabel, Counter>,
+}
+
+impl Metrics {
+    pub fn new(registry: &mut Registry) -> Self {
+        let m = Self {
+            sessions: Gauge::default(),
+            channels: Gauge::default(),
+            bytes: Family::default(),
+            channel_open_seconds: Histogram::new(
+                [
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]
+                .into_iter(),
+            ),
+            auth_failures: Counter::default(),
+            responses: Family::default(),
+        };
+        let r = registry.sub_registry_with_prefix("tower_server");
+        r.register("sessions", "Agent sessions connected", m.sessions.clone());
+        r.register("channels", "Tunnel channels open", m.channels.clone());
+        r.register(
+            "tunnel_bytes",
+            "Bytes carried through tunnel channels",
+            m.bytes.clone(),
+        );
+        r.register(
+            "channel_open_seconds",
+            "Time to open a tunnel channel to an agent (dial latency)",
+            m.channel_open_seconds.clone(),
+        );
+        r.register(
+            "auth_failures",
+            "Refused agent authentications",
+            m.auth_failures.clone(),
+        );
+        r.register(
+            "gateway_responses",
+            "Gateway responses by status class",
+            m.responses.clone(),
+        );
+        m
+    }
+
+    pub fn response(&self, status: u16) {
+        let code = match status {
+            101 => "101",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        self.responses.get_or_create(&CodeLabel { code }).inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(&mut Registry::default())
+    }
+}
