@@ -211,6 +211,18 @@ async fn can_i(cp: &ControlPlane, user: &str, args: &[&str]) -> bool {
     }
 }
 
+/// The status code of a plain HTTP/1.1 `GET path` to `addr`.
+async fn http_status(addr: std::net::SocketAddr, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: ops\r\nConnection: close\r\n\r\n");
+    conn.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    conn.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace().nth(1)?.parse().ok()
+}
+
 // === lint ===
 
 #[test]
@@ -790,8 +802,10 @@ async fn server_runs_with_only_the_charts_rbac() {
     let dir = tempfile::tempdir().unwrap();
     let ssh = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ssh_addr = ssh.local_addr().unwrap();
     let gateway_addr = gateway.local_addr().unwrap();
+    let ops_addr = ops.local_addr().unwrap();
     let mut config = tower_server::ServerConfig::new(
         dir.path().join("state"),
         format!("https://{gateway_addr}"),
@@ -809,6 +823,7 @@ async fn server_runs_with_only_the_charts_rbac() {
         sa_client,
         ssh,
         gateway,
+        Some(ops),
         shutdown.clone(),
     ));
     let _stop = shutdown.clone().drop_guard();
@@ -927,6 +942,17 @@ async fn server_runs_with_only_the_charts_rbac() {
         .await
         .unwrap();
     assert!(ns.contains("namespace/kube-system"), "{ns}");
+    // The probe paths the chart's Deployment uses.
+    for path in ["/healthz", "/readyz"] {
+        let ok = eventually(Duration::from_secs(10), || async {
+            (http_status(ops_addr, path).await == Some(200)).then_some(())
+        })
+        .await;
+        assert!(
+            ok.is_some(),
+            "GET {path} on the ops port never answered 200"
+        );
+    }
     eprintln!(
         "charts: server with only the chart's RBAC: identity, lease, token, kubeconfig, tokenRef agent in {:.2?}",
         started.elapsed()

@@ -18,7 +18,7 @@ use tower_tests::fixture::{self, KubeTowerServer, agent_credential, eventually};
 use tower_tests::testbed::{ControlPlane, Process, Testbed};
 
 struct Env {
-    _bed: Testbed,
+    bed: Testbed,
     host: ControlPlane,
     member: ControlPlane,
     _server: KubeTowerServer,
@@ -66,7 +66,7 @@ async fn start_env() -> anyhow::Result<Env> {
     .await
     .ok_or_else(|| anyhow::anyhow!("the server never published its info ConfigMap"))?;
     Ok(Env {
-        _bed: bed,
+        bed,
         host,
         member,
         _server: server,
@@ -581,5 +581,91 @@ async fn deleting_the_agent_object_ends_the_session() {
     eprintln!(
         "agent object deleted -> session ended in {:.2?}",
         deleted.elapsed()
+    );
+}
+
+/// Client certificates in kubeconfigs are renewed before they expire, and
+/// renewal does not touch the agent's session (no reconnects).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubeconfig_certificates_renew_without_reconnects() {
+    let env = env();
+    let host = env.bed.cluster("host-renew").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let _server = KubeTowerServer::start(&host, dir.path(), "renew-0", |c| {
+        c.client_cert_validity = Duration::from_secs(40);
+        c.renew_before = Duration::from_secs(32);
+        c.resync = Duration::from_secs(1);
+    })
+    .await
+    .unwrap();
+    let client = host.client().await.unwrap();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), "kubesphere-system");
+    eventually(Duration::from_secs(30), || {
+        let cms = cms.clone();
+        async move { cms.get_opt("tower-server").await.ok().flatten() }
+    })
+    .await
+    .expect("server info published");
+    let out = std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl"))
+        .arg("--kubeconfig")
+        .arg(host.admin_kubeconfig())
+        .args(["join", "edoras"])
+        .env_remove("TOWER_STATE_DIR")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = join_token_from_helm_line(&String::from_utf8_lossy(&out.stdout));
+    let _agent = spawn_agent(env, &token, "edoras");
+    let first = wait_available(&client, "edoras", "True", Duration::from_secs(20)).await;
+    let kubeconfig = |c: &Cluster| {
+        c.spec
+            .connection
+            .as_ref()
+            .unwrap()
+            .kubeconfig
+            .clone()
+            .unwrap()
+            .0
+    };
+    let agents: Api<Agent> = Api::all(client.clone());
+    let since = agents
+        .get("edoras")
+        .await
+        .unwrap()
+        .status
+        .unwrap()
+        .connected_since;
+    // 40 s certificates renewed when under 32 s remain: within ~10 s.
+    let renewed = eventually(Duration::from_secs(20), || async {
+        let c = cluster(&client, "edoras").await?;
+        (kubeconfig(&c) != kubeconfig(&first)).then_some(c)
+    })
+    .await
+    .expect("kubeconfig was not renewed");
+    let path = kubeconfig_file(&renewed, env.dir.path(), "edoras-renewed");
+    let ns = fixture::kubectl(&path, &["get", "ns", "-o", "name"], None)
+        .await
+        .unwrap();
+    assert!(ns.contains("namespace/default"), "renewed kubeconfig works");
+    let after = agents.get("edoras").await.unwrap().status.unwrap();
+    assert_eq!(
+        after.connected_since, since,
+        "renewal reconnected the agent"
+    );
+    assert_eq!(
+        after.kubeconfig.map(|k| k.0),
+        Some(kubeconfig(&renewed)),
+        "Agent status mirrors the renewed kubeconfig"
+    );
+    // Renewal is not a write loop: the next renewal is ~8 s away, so 3 s are quiet.
+    let rv = renewed.resource_version();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        cluster(&client, "edoras").await.unwrap().resource_version(),
+        rv
     );
 }
