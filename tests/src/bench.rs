@@ -572,9 +572,10 @@ async fn setup_namespace(member: &ControlPlane) -> anyhow::Result<()> {
 async fn small_get(env: &Env, size: &Size, report: &mut Report) -> anyhow::Result<()> {
     let (direct, tunnel) = env.pair();
     let path = format!("/api/v1/namespaces/{NS}/configmaps/small");
-    // Warm up both paths (connections, the agent's upstream pool, apiserver caches).
-    get_latencies(&direct, size.get_clients.min(8), 5, &path).await?;
-    get_latencies(&tunnel, size.get_clients.min(8), 5, &path).await?;
+    // Warm up both paths at full concurrency (connections, the agent's upstream
+    // pool, apiserver caches), so no round pays for TLS handshakes.
+    get_latencies(&direct, size.get_clients, 5, &path).await?;
+    get_latencies(&tunnel, size.get_clients, 5, &path).await?;
     for (clients, per_client) in [
         (1, size.get_serial),
         (size.get_clients, size.get_per_client),
@@ -922,9 +923,13 @@ async fn tunnel_capacity(env: &Env, size: &Size, report: &mut Report) -> anyhow:
         }
         let (raw, https, tun) = (median_f64(raw), median_f64(https), median_f64(tun));
         let what = format!(
-            "{streams} stream{} × {} MiB",
+            "{streams} stream{} × {}",
             if streams == 1 { "" } else { "s" },
-            per_stream / 1024 / 1024
+            if per_stream >= 1024 * 1024 {
+                format!("{} MiB", per_stream / 1024 / 1024)
+            } else {
+                format!("{} KiB", per_stream / 1024)
+            }
         );
         let ratio = tun / raw;
         report.row(
@@ -1347,7 +1352,13 @@ async fn agents_on_a_server_process(
     reconnect: bool,
     report: &mut Report,
 ) -> anyhow::Result<()> {
+    let started = Instant::now();
     let bin = server_bin()?;
+    eprintln!(
+        "   tower-server binary {} ready in {:.1?}",
+        bin.display(),
+        started.elapsed()
+    );
     let state = env.dir.path().join("server-process");
     let log = env.dir.path().join("server-process.log");
     let mut server = ServerProcess::start(&bin, &state, None, &log).await?;
@@ -1388,6 +1399,7 @@ async fn agents_on_a_server_process(
     );
     let upstream = env.synth.upstream(UPSTREAM_KUBE_APISERVER);
     let mut agents: Vec<IdleAgent> = Vec::new();
+    let mut prev = (0usize, base);
     for &target in &targets {
         let started = Instant::now();
         let first = agents.len();
@@ -1416,8 +1428,13 @@ async fn agents_on_a_server_process(
         if memory && size.idle_agents.contains(&target) {
             report.row(
                 format!(
-                    "server memory per idle agent, {target} agent{}",
-                    if target == 1 { "" } else { "s" }
+                    "server memory per idle agent, {target} agent{} (RSS growth / agents{})",
+                    if target == 1 { "" } else { "s" },
+                    if target == 1 {
+                        ", one-time costs included"
+                    } else {
+                        ""
+                    }
                 ),
                 "—",
                 format!("{per:.1} KiB"),
@@ -1425,11 +1442,23 @@ async fn agents_on_a_server_process(
                 "≤ 64 KiB",
                 Some(per <= 64.0),
             );
+            if prev.0 > 0 {
+                let marginal = rss.saturating_sub(prev.1) as f64 / (target - prev.0) as f64;
+                report.row(
+                    format!("server memory per idle agent, marginal {}→{target}", prev.0),
+                    "—",
+                    format!("{marginal:.1} KiB"),
+                    None,
+                    "≤ 64 KiB",
+                    Some(marginal <= 64.0),
+                );
+            }
+            prev = (target, rss);
         }
         if target == most && most >= 100 {
             report.row(
                 format!(
-                    "{} agents connecting together (from {first})",
+                    "{} more agents connecting (waves of 100): all connected after",
                     target - first
                 ),
                 "—",

@@ -553,6 +553,8 @@ pub fn spawn_agent_process(
         .arg(TEST_KEEPALIVE_MAX.to_string())
         .arg("--backoff-max")
         .arg("1")
+        .arg("--ops-listen")
+        .arg("127.0.0.1:0")
         .env("RUST_LOG", "info");
     crate::testbed::Process::spawn("tower-agent", cmd, log)
 }
@@ -761,6 +763,7 @@ impl ServerProcess {
                     &TEST_KEEPALIVE.as_secs_f64().to_string(),
                 ])
                 .args(["--keepalive-max", &TEST_KEEPALIVE_MAX.to_string()])
+                .args(["--ops-listen", "127.0.0.1:0"])
                 .arg("--print-ports")
                 .env(
                     "RUST_LOG",
@@ -878,4 +881,41 @@ pub async fn gateway_h1(
         hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls)).await?;
     tokio::spawn(conn.with_upgrades());
     Ok(sender)
+}
+
+/// Starts a test binary's shared environment once, on a runtime thread of its
+/// own that lives as long as the process, so the environment's tasks outlive
+/// each test's runtime. Panics with the start error.
+pub fn shared_env<T, F, Fut>(
+    cell: &'static std::sync::OnceLock<T>,
+    name: &str,
+    start: F,
+) -> &'static T
+where
+    T: Send + Sync + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + 'static,
+{
+    cell.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("{name}-env"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                rt.block_on(async move {
+                    let _ = tx.send(start().await);
+                    std::future::pending::<()>().await;
+                });
+            })
+            .expect("environment thread");
+        match rx.recv() {
+            Ok(Ok(env)) => env,
+            Ok(Err(e)) => panic!("starting the {name} environment: {e:#}"),
+            Err(_) => panic!("the {name} environment thread died while starting"),
+        }
+    })
 }

@@ -262,14 +262,6 @@ async fn response_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
         .to_string()
 }
 
-fn assert_status(body: &[u8], code: u16, reason: &str) {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
-    assert_eq!(v["kind"], "Status", "{v}");
-    assert_eq!(v["code"], code, "{v}");
-    assert_eq!(v["reason"], reason, "{v}");
-}
-
 /// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is
 /// all local on Linux, so each address is a distinct source to the server).
 async fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
@@ -463,15 +455,14 @@ async fn oversized_heads_get_clear_errors() {
     let (line, _) = raw_status(format!("GET {base} HTTP/1.1\r\nHost: x\r\n{many}\r\n")).await;
     assert!(line.starts_with("HTTP/1.1 431"), "{line}");
 
-    // HTTP/2: the same URI limit, as a Kubernetes Status from the gateway.
+    // HTTP/2: a longer :path cannot even be built (the `http` crate's limit),
+    // and h2 resets a stream whose :path does not parse.
+    assert!(
+        format!("{base}?q={}", "u".repeat(MAX_URI_LEN))
+            .parse::<http::Uri>()
+            .is_err()
+    );
     let mut h2 = gateway_h2(gw, &ca, &id).await.unwrap();
-    let resp = h2
-        .send_request(req_h2(&format!("{base}?q={}", "u".repeat(MAX_URI_LEN))))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 414);
-    let b = resp.into_body().collect().await.unwrap().to_bytes();
-    assert_status(&b, 414, "RequestEntityTooLarge");
     // An oversized HTTP/2 header list: 431 or a refused stream, never a hang,
     // and the connection stays usable.
     let mut big = req_h2(&base);
@@ -510,8 +501,8 @@ async fn oversized_heads_get_clear_errors() {
     assert_eq!(info["headers"]["x-large"][0], header);
     eprintln!(
         "oversized heads: HTTP/1.1 header > {MAX_HEADER_BYTES} B -> 431, URI > {MAX_URI_LEN} B -> \
-         414, > {MAX_HEADERS} headers -> 431 (all closed); HTTP/2 URI -> 414 Status, header list \
-         -> {h2_big}; a {} B URI and a {} B header passed through the tunnel intact",
+         414, > {MAX_HEADERS} headers -> 431 (all closed); HTTP/2 header list -> {h2_big}; \
+         a {} B URI and a {} B header passed through the tunnel intact",
         base.len() + 1 + query.len(),
         header.len()
     );

@@ -28,8 +28,9 @@ use crate::status::{Body, status};
 /// Header carrying an upgrade request's original method inside extended CONNECT.
 pub const METHOD_HEADER: &str = "x-tower-method";
 
-/// Longest request target (path and query) the gateway forwards. It matches
-/// hyper's own HTTP/1.1 limit, so HTTP/2 clients meet the same one.
+/// Longest request target (path and query) that can reach the gateway: the
+/// `http` crate's limit. hyper answers a longer HTTP/1.1 target with 414; an
+/// HTTP/2 `:path` beyond it does not parse, and h2 resets that stream.
 pub const MAX_URI_LEN: usize = u16::MAX as usize - 1;
 /// Largest request head: HTTP/1.1 read buffer and HTTP/2 header list.
 pub const MAX_HEADER_BYTES: usize = 256 * 1024;
@@ -137,13 +138,6 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
 }
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
-    let target_len = req.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
-    if target_len > MAX_URI_LEN {
-        return status(
-            StatusCode::URI_TOO_LONG,
-            format!("request URI is {target_len} bytes; the gateway accepts at most {MAX_URI_LEN}"),
-        );
-    }
     let route = match route(req.uri().path(), req.uri().query()) {
         Ok(r) => r,
         Err(RouteError::NotACluster) => {
