@@ -653,3 +653,81 @@ async fn kubeconfig_certificates_renew_without_reconnects() {
         rv
     );
 }
+
+/// Two replicas: exactly one holds the Lease and writes; when it stops, the
+/// other takes over and keeps writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lease_elects_one_writer_and_fails_over() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let env = env();
+    let host = env.bed.cluster("host-ha").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let a = KubeTowerServer::start(&host, dir.path(), "replica-a", |_| {})
+        .await
+        .unwrap();
+    let b = KubeTowerServer::start(&host, dir.path(), "replica-b", |_| {})
+        .await
+        .unwrap();
+    let client = host.client().await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kubesphere-system");
+    let holder = || async {
+        leases
+            .get_opt("tower-server-leader")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    };
+    let first = eventually(Duration::from_secs(15), holder)
+        .await
+        .expect("a leader");
+    assert!(first == "replica-a" || first == "replica-b", "{first}");
+    // Both replicas share one identity (CA and host key from the same Secrets).
+    let clusters: Api<Cluster> = Api::all(client.clone());
+    let join = |name: &'static str| {
+        let clusters = clusters.clone();
+        async move {
+            let c = Cluster::new(
+                name,
+                ClusterSpec {
+                    connection: Some(Connection {
+                        type_: Some("proxy".into()),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            );
+            clusters.create(&PostParams::default(), &c).await.unwrap();
+        }
+    };
+    join("ha-one").await;
+    let written = eventually(Duration::from_secs(15), || async {
+        let c = cluster(&client, "ha-one").await?;
+        c.spec.connection?.kubeconfig.map(|_| ())
+    })
+    .await;
+    assert!(written.is_some(), "the leader did not write");
+    // Stop the leader; the other takes over within the lease duration.
+    let stopped = Instant::now();
+    if first == "replica-a" {
+        a.stop()
+    } else {
+        b.stop()
+    }
+    let second = eventually(Duration::from_secs(15), || async {
+        holder().await.filter(|h| *h != first)
+    })
+    .await
+    .expect("no failover");
+    eprintln!(
+        "lease: {first} stopped, {second} took over in {:.2?}",
+        stopped.elapsed()
+    );
+    join("ha-two").await;
+    let written = eventually(Duration::from_secs(15), || async {
+        let c = cluster(&client, "ha-two").await?;
+        c.spec.connection?.kubeconfig.map(|_| ())
+    })
+    .await;
+    assert!(written.is_some(), "the new leader did not write");
+}
