@@ -852,12 +852,14 @@ pub async fn watch_phase(
         });
     }
     drop(ready_tx);
-    let mut failed = 0;
+    let (mut opened, mut failed) = (0, 0);
     for _ in 0..watchers {
         match tokio::time::timeout_at(deadline, ready_rx.recv()).await {
-            Ok(Some(true)) => {}
+            Ok(Some(true)) => opened += 1,
             Ok(Some(false)) => failed += 1,
-            _ => anyhow::bail!("watches did not open within {budget:?}"),
+            _ => anyhow::bail!(
+                "{watchers} watches did not open within {budget:?}: {opened} opened, {failed} failed"
+            ),
         }
     }
     let setup = base.elapsed();

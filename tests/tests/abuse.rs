@@ -74,6 +74,13 @@ async fn start_env() -> anyhow::Result<Env> {
     let bed = Testbed::start().await?;
     fixture::log_to_file(&bed.dir().join("tower-abuse.log"));
     let member = bed.cluster("member").await?;
+    // Build the binaries now, not inside a timed section of some test.
+    tokio::task::spawn_blocking(|| {
+        fixture::agent_bin();
+        fixture::workspace_bin("tower-server", "tower-server");
+        fixture::workspace_bin("tower-server", "towerctl");
+    })
+    .await?;
     let dir = tempfile::tempdir()?;
     let (sa_token, sa_token_file) = agent_credential(&member, dir.path()).await?;
     let echo = EchoUpstream::start(dir.path()).await?;
@@ -815,7 +822,18 @@ async fn ssh_flood_keeps_resources_bounded_and_agents_get_in() {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let got_in = got_in.expect("a legitimate agent could not get in during the flood");
+    let got_in = got_in.unwrap_or_else(|| {
+        let keep = std::env::temp_dir().join("tower-flood-failure");
+        let _ = std::fs::create_dir_all(&keep);
+        let _ = std::fs::copy(dir.path().join("agent.log"), keep.join("agent.log"));
+        let _ = std::fs::copy(&server.log, keep.join("server.log"));
+        panic!(
+            "a legitimate agent could not get in during the flood (logs copied to {}); agent \
+             log:\n{}",
+            keep.display(),
+            testbed::log_tail(&dir.path().join("agent.log"), 15),
+        )
+    });
     for _ in 0..20 {
         peak = peak.max(server.fds());
         tokio::time::sleep(Duration::from_millis(100)).await;

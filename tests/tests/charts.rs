@@ -116,23 +116,7 @@ struct Env {
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async move {
-                tx.send(start_env().await).expect("send env");
-                std::future::pending::<()>().await;
-            });
-        });
-        rx.recv()
-            .expect("env started")
-            .expect("starting the charts test bed")
-    })
+    fixture::shared_env(&ENV, "charts", start_env)
 }
 
 async fn start_env() -> anyhow::Result<Env> {
@@ -283,6 +267,75 @@ fn helm_lint_is_clean_for_both_charts() {
         "charts: helm lint (5 value sets) in {:.2?}",
         started.elapsed()
     );
+}
+
+// === the charts speak the binaries' flags ===
+
+/// Every `TOWER_*`/`POD_NAME` variable and `--flag` a chart's Deployment sets
+/// is one the binary's `--help` lists.
+#[test]
+fn chart_settings_are_the_binaries_flags() {
+    let cases = [
+        (
+            "tower-server",
+            template(
+                "tower-server",
+                "tower-server",
+                SERVER_NS,
+                &[
+                    "--set",
+                    "sshAddress={tower.example.com:7022}",
+                    "--show-only",
+                    "templates/deployment.yaml",
+                ],
+            ),
+        ),
+        (
+            "tower-agent",
+            template(
+                "tower-agent",
+                "tower-agent",
+                SERVER_NS,
+                &[
+                    "--set",
+                    "kubeApiserver=https://10.0.0.1,ksApiserver.url=https://ks,ksApiserver.caFile=/ca",
+                    "--show-only",
+                    "templates/deployment.yaml",
+                ],
+            ),
+        ),
+    ];
+    for (bin, deployment) in cases {
+        let help = std::process::Command::new(fixture::workspace_bin(bin, bin))
+            .arg("--help")
+            .output()
+            .expect("running --help");
+        let help = String::from_utf8_lossy(&help.stdout).into_owned();
+        let mut checked = 0;
+        for line in deployment.lines().map(str::trim) {
+            if let Some(var) = line.strip_prefix("- name: ")
+                && (var.starts_with("TOWER_") || var == "POD_NAME")
+            {
+                assert!(
+                    help.contains(&format!("[env: {var}")),
+                    "the {bin} chart sets {var}, which `{bin} --help` does not list:\n{help}"
+                );
+                checked += 1;
+            }
+            if let Some(flag) = line.strip_prefix("- --") {
+                let flag = flag.split('=').next().unwrap();
+                assert!(
+                    help.contains(&format!("--{flag}")),
+                    "the {bin} chart passes --{flag}, which `{bin} --help` does not list"
+                );
+                checked += 1;
+            }
+        }
+        assert!(
+            checked >= 4,
+            "{bin}: too few settings found in\n{deployment}"
+        );
+    }
 }
 
 // === CRD drift ===

@@ -76,6 +76,13 @@ async fn start_env() -> anyhow::Result<Env> {
     let bed = Testbed::start().await?;
     fixture::log_to_file(&bed.dir().join("tower-faults.log"));
     let member = bed.cluster("member").await?;
+    // Build the binaries now, not inside a timed section of some test.
+    tokio::task::spawn_blocking(|| {
+        fixture::agent_bin();
+        fixture::workspace_bin("tower-server", "tower-server");
+        fixture::workspace_bin("tower-server", "towerctl");
+    })
+    .await?;
     let dir = tempfile::tempdir()?;
     let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
     // The large LIST: 48 × 512 KiB, far more than every window and socket buffer
