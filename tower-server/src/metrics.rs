@@ -37,12 +37,9 @@ impl Metrics {
             sessions: Gauge::default(),
             channels: Gauge::default(),
             bytes: Family::default(),
-            channel_open_seconds: Histogram::new(
-                [
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]
-                .into_iter(),
-            ),
+            channel_open_seconds: Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+            ]),
             auth_failures: Counter::default(),
             responses: Family::default(),
         };
