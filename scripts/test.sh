@@ -27,7 +27,7 @@ start=$SECONDS
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --workspace --locked --lib --bins --tests -- --test-threads=4 2>&1 | tee "$log" || status=$?
+cargo test --workspace --locked --no-fail-fast --lib --bins --tests -- --test-threads=4 2>&1 | tee "$log" || status=$?
 passed=$(grep -Eo '^test result: [a-zA-Z]+\. [0-9]+ passed' "$log" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -Eo '[0-9]+ failed;' "$log" | awk '{s+=$1} END {print s+0}')
 echo "test suite finished in $((SECONDS - start))s" >&2
