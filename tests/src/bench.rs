@@ -1,4 +1,7 @@
-//! Direct-vs-tunnel benchmarks (`tower-bench` and its smoke test): every figure is measured straight to the member and through the gateway in one run, with the same client, and reported as a ratio.
+//! Direct-vs-tunnel benchmarks: the measuring code behind `tower-bench` and its smoke test.
+//!
+//! Every figure is measured straight to the member and through the gateway in
+//! one run, with the same client, and reported as a ratio.
 //!
 //! The figures ([`Figure`]):
 //! - small-GET latency p50/p99 (a ConfigMap GET) at 1 and at N concurrent clients;
@@ -46,8 +49,10 @@ const CLUSTER: &str = "bench";
 const SYNTH: &str = "synth";
 /// Namespace of the benchmark objects on the member.
 const NS: &str = "bench";
-/// HTTP/2 streams per client connection for watches (below Go's 250 default).
-const WATCHES_PER_CONN: usize = 125;
+/// HTTP/2 streams per client connection for watches: the test bed's
+/// kube-apiserver advertises `SETTINGS_MAX_CONCURRENT_STREAMS` = 100, and a
+/// watch holds its stream open.
+const WATCHES_PER_CONN: usize = 100;
 /// Windows of the benchmark's HTTP/2 client (those of client-go's transport).
 const CLIENT_STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CLIENT_CONN_WINDOW: u32 = 16 * 1024 * 1024;
@@ -736,7 +741,7 @@ async fn watches(env: &Env, size: &Size, report: &mut Report) -> anyhow::Result<
         outcomes.push(o);
     }
     let (d, t) = (&outcomes[0], &outcomes[1]);
-    for (label, p, goal) in [("p50", 0.50, 1.10), ("p99", 0.99, 1.25)] {
+    for (label, p) in [("p50", 0.50), ("p99", 0.99)] {
         let (dp, tp) = (percentile(&d.latencies, p), percentile(&t.latencies, p));
         let ratio = tp.as_secs_f64() / dp.as_secs_f64().max(1e-9);
         report.row(
@@ -744,7 +749,7 @@ async fn watches(env: &Env, size: &Size, report: &mut Report) -> anyhow::Result<
             ms(dp),
             ms(tp),
             Some(ratio),
-            format!("(≤ {goal:.2}, as GETs)"),
+            "no goal set",
             None,
         );
     }
@@ -1231,6 +1236,7 @@ impl ServerProcess {
             .arg("--gateway-url")
             .arg("https://127.0.0.1")
             .arg("--print-ports")
+            .arg("--ops-listen=127.0.0.1:0")
             .env("RUST_LOG", "warn");
         let offset = std::fs::metadata(log).map_or(0, |m| m.len());
         let mut process = Process::spawn("tower-server", cmd, log)?;
@@ -1363,10 +1369,13 @@ async fn agents_on_a_server_process(
     );
     let state = env.dir.path().join("server-process");
     let log = env.dir.path().join("server-process.log");
-    let mut server = ServerProcess::start(&bin, &state, None, &log).await?;
+    // The host key is made here, before the server starts, so that the
+    // server loads it (it prints its ports before opening its state dir).
+    std::fs::create_dir_all(&state)?;
     let fingerprint =
         tower_certs::HostKey::load_or_create(&state.join(tower_server::HOST_KEY_FILE))?
             .fingerprint();
+    let mut server = ServerProcess::start(&bin, &state, None, &log).await?;
     let mut targets: Vec<usize> = if memory {
         size.idle_agents.clone()
     } else {
@@ -1529,7 +1538,7 @@ async fn agents_on_a_server_process(
             None,
         );
         report.counts.push((
-            format!("agents back after restart"),
+            "agents back after restart".to_string(),
             n as u64,
             times.len() as u64,
         ));

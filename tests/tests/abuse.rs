@@ -662,6 +662,77 @@ async fn impersonation_headers_never_cross_the_tunnel() {
     );
 }
 
+// === gateway: what a client certificate grants ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_bound_to_its_cluster_when_configured() {
+    let _shared = MEASURE.read().await;
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    for bound in [true, false] {
+        let server = TowerServer::start_configured(&dir.path().join(format!("s-{bound}")), |c| {
+            c.gateway_client_bound_to_cluster = bound;
+        })
+        .await
+        .unwrap();
+        let mut agents = Vec::new();
+        for cluster in ["east", "west"] {
+            let token = server.mint(cluster, None).unwrap();
+            agents.push(
+                TowerAgent::start(
+                    TokenSource::Literal(token.encode()),
+                    &env.member,
+                    &env.sa_token_file,
+                )
+                .unwrap(),
+            );
+            assert!(
+                server
+                    .wait_connected(cluster, true, Duration::from_secs(20))
+                    .await
+            );
+        }
+        let ca = server.server.ca_pem().to_string();
+        let east = server.identity("east").unwrap();
+        let get = |path: &'static str| {
+            let (ca, east) = (ca.clone(), &east);
+            async move {
+                raw::get(server.gateway_addr, &ca, east, path)
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(get("/clusters/east/version").await.0, 200);
+        let (west, body) = get("/clusters/west/version").await;
+        let (nowhere, _) = get("/clusters/nowhere/version").await;
+        let (kapis, _) = get("/api/clusters/west/v1/namespaces").await;
+        if bound {
+            for (s, what) in [
+                (west, "west"),
+                (nowhere, "an unknown cluster"),
+                (kapis, "west (KubeSphere form)"),
+            ] {
+                assert_eq!(s, 403, "east's certificate reached {what}");
+            }
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                (v["kind"].as_str(), v["reason"].as_str()),
+                (Some("Status"), Some("Forbidden"))
+            );
+            eprintln!(
+                "bound client certificates: east's kubeconfig got 403 for west and for an unknown cluster: {}",
+                v["message"]
+            );
+        } else {
+            assert_eq!((west, nowhere, kapis), (200, 404, 200));
+            eprintln!("unbound (the default): east's kubeconfig reaches west too (200)");
+        }
+        for a in agents {
+            a.stop().await;
+        }
+    }
+}
+
 // === SSH: deadlines, garbage, floods ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1531,4 +1602,44 @@ async fn logs_hold_no_secret() {
         scanned / 1024,
         needles.len()
     );
+}
+
+// === fuzzing regression corpora ===
+
+/// The gateway router, where the fuzz checks look for it.
+mod route {
+    pub use tower_server::route::*;
+}
+
+#[path = "../../fuzz/src/checks.rs"]
+mod checks;
+
+/// Every input of the committed fuzz corpora (`fuzz/corpus/<target>/`) still
+/// satisfies its target's properties: what the fuzzers found stays fixed.
+#[test]
+fn fuzz_corpora_replay() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus");
+    type Check = fn(&[u8]);
+    let targets: [(&str, Check); 3] = [
+        ("join_token", checks::join_token),
+        ("route", checks::route),
+        ("hello", checks::hello),
+    ];
+    let mut counts = Vec::new();
+    for (target, check) in targets {
+        let mut n = 0;
+        for entry in std::fs::read_dir(root.join(target)).unwrap().flatten() {
+            let data = std::fs::read(entry.path()).unwrap();
+            let replay = std::panic::catch_unwind(|| check(&data));
+            assert!(
+                replay.is_ok(),
+                "fuzz corpus input {} fails its checks",
+                entry.path().display()
+            );
+            n += 1;
+        }
+        assert!(n > 0, "the {target} corpus is empty");
+        counts.push(format!("{target}: {n}"));
+    }
+    eprintln!("fuzz corpora replayed: {}", counts.join(", "));
 }

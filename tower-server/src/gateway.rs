@@ -95,6 +95,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
                     return;
                 }
             };
+            let client = client_name(&tls);
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // Slowloris: HTTP/1.1 heads must arrive within the header read
             // timeout (hyper answers nothing and closes). Once a head is read
@@ -119,8 +120,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
                 .max_concurrent_streams(2000);
             let service = service_fn(move |req| {
                 let shared = shared.clone();
+                let client = client.clone();
                 async move {
-                    let resp = handle(shared.clone(), req).await;
+                    let resp = match refuse_other_cluster(&shared, client.as_deref(), &req) {
+                        Some(refused) => refused,
+                        None => handle(shared.clone(), req).await,
+                    };
                     shared.metrics.response(resp.status().as_u16());
                     Ok::<_, std::convert::Infallible>(resp)
                 }
@@ -136,6 +141,46 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
         });
     }
 }
+
+/// The subject common name of the verified client certificate.
+fn client_name(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> Option<Arc<str>> {
+    let der = tls.get_ref().1.peer_certificates()?.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?.as_str().ok()?;
+    Some(Arc::from(cn))
+}
+
+/// With `gateway_client_bound_to_cluster`, a client certificate reaches only
+/// the cluster it was issued for (`CN=tower:<cluster>`, as every synthesized
+/// kubeconfig carries): anything else is 403, before the gateway says whether
+/// the other cluster exists.
+fn refuse_other_cluster(
+    shared: &Shared,
+    client: Option<&str>,
+    req: &Request<Incoming>,
+) -> Option<Response<Body>> {
+    if !shared.config.gateway_client_bound_to_cluster {
+        return None;
+    }
+    let Ok(route) = route(req.uri().path(), req.uri().query()) else {
+        return None; // answered by `handle` without touching any cluster
+    };
+    let allowed = client.and_then(|cn| cn.strip_prefix(CLIENT_CN_PREFIX));
+    if allowed == Some(route.cluster.as_str()) {
+        return None;
+    }
+    Some(status(
+        StatusCode::FORBIDDEN,
+        format!(
+            "this client certificate ({}) does not grant access to cluster {:?}",
+            client.map_or_else(|| "no common name".to_string(), |cn| format!("CN={cn}")),
+            route.cluster
+        ),
+    ))
+}
+
+/// Common-name prefix of the client certificates in synthesized kubeconfigs.
+pub const CLIENT_CN_PREFIX: &str = "tower:";
 
 async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
     let route = match route(req.uri().path(), req.uri().query()) {

@@ -64,6 +64,10 @@ pub struct ServerConfig {
     /// (also the idle limit between keep-alive requests). Bodies, watches and
     /// upgraded streams are not bound by it.
     pub gateway_header_read_timeout: Duration,
+    /// A gateway client certificate reaches only the cluster it was issued
+    /// for (`CN=tower:<cluster>`); off, any certificate from the tower CA
+    /// reaches every cluster.
+    pub gateway_client_bound_to_cluster: bool,
 }
 
 impl ServerConfig {
@@ -81,6 +85,7 @@ impl ServerConfig {
             max_unauthenticated_ssh_per_source: 32,
             gateway_tls_timeout: Duration::from_secs(10),
             gateway_header_read_timeout: Duration::from_secs(30),
+            gateway_client_bound_to_cluster: false,
         }
     }
 }

@@ -145,6 +145,11 @@ async fn connection(
     let early = tokio::select! {
         r = &mut session => Some(r),
         _ = authenticated.cancelled() => None,
+        // Not authenticated yet: nothing to say goodbye to.
+        _ = shutdown.cancelled() => {
+            cut.cancel();
+            None
+        }
         _ = deadline => {
             tracing::debug!(%peer, timeout = ?shared.config.ssh_auth_timeout, "ssh connection did not authenticate in time; cutting it");
             cut.cancel();

@@ -1,0 +1,4 @@
+//! Fuzz target: `tower_fuzz::checks::route` on arbitrary bytes.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| tower_fuzz::checks::route(data));
