@@ -356,7 +356,7 @@ async fn consumer_suite(c: &Cluster, dir: &Path, tag: &str) -> anyhow::Result<Ve
             let stream = watcher(cms, watcher::Config::default());
             tokio::pin!(stream);
             while let Some(ev) = stream.next().await {
-                if let Ok(watcher::Event::Apply(cm)) = ev
+                if let Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)) = ev
                     && cm.name_any() == "probe"
                 {
                     return true;
@@ -502,7 +502,7 @@ async fn a_quiet_minute_writes_nothing() {
             let s = watcher(api, cfg);
             tokio::pin!(s);
             while let Some(Ok(ev)) = s.next().await {
-                if let watcher::Event::Apply(c) = ev
+                if let watcher::Event::Apply(c) | watcher::Event::InitApply(c) = ev
                     && c.resource_version() != Some(c0.clone())
                 {
                     w1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -517,7 +517,7 @@ async fn a_quiet_minute_writes_nothing() {
             let s = watcher(api, cfg);
             tokio::pin!(s);
             while let Some(Ok(ev)) = s.next().await {
-                if let watcher::Event::Apply(a) = ev
+                if let watcher::Event::Apply(a) | watcher::Event::InitApply(a) = ev
                     && a.resource_version() != Some(a0.clone())
                 {
                     w2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -274,7 +274,10 @@ async fn reconcile_one(
         }
     }
     let paused = agent.is_some_and(Agent::paused);
-    ctx.store.set(&name, ClusterTokens { digests, paused });
+    if ctx.store.set(&name, ClusterTokens { digests, paused }) {
+        // A revoked or paused cluster is cut off before its condition says so.
+        ctx.server.recheck_sessions(&name);
+    }
 
     if !leader {
         return Ok(());

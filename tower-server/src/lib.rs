@@ -159,6 +159,12 @@ impl Server {
         &self.shared.registry
     }
 
+    /// Ends `cluster`'s sessions whose token is no longer valid, without
+    /// waiting for the next store poll.
+    pub fn recheck_sessions(&self, cluster: &str) {
+        end_invalid_sessions(&self.shared, Some(cluster));
+    }
+
     /// A kubeconfig for `cluster` through this server's gateway.
     pub fn kubeconfig(&self, cluster: &str) -> anyhow::Result<String> {
         kubeconfig::render(
@@ -235,14 +241,24 @@ async fn recheck_tokens(shared: Arc<Shared>, shutdown: CancellationToken) {
             tracing::warn!(error = %e, "token store refresh failed");
             continue;
         }
-        for session in shared.registry.all() {
-            let verdict = shared.store.recheck(&session.cluster, &session.token_id);
-            if !matches!(verdict, Verdict::Valid { .. }) {
-                tracing::warn!(cluster = %session.cluster, reason = verdict.reason(), "ending session");
-                shared.registry.remove(&session.cluster, session.id);
-                let why = format!("{}; mint a new join token with towerctl", verdict.reason());
-                tokio::spawn(async move { session.disconnect(&why).await });
-            }
+        end_invalid_sessions(&shared, None);
+    }
+}
+
+/// Ends the sessions (of `cluster`, or of every cluster) whose token the store
+/// no longer accepts. They leave the registry at once, so the gateway refuses
+/// new requests before this returns; the SSH goodbye happens in the background.
+fn end_invalid_sessions(shared: &Shared, cluster: Option<&str>) {
+    for session in shared.registry.all() {
+        if cluster.is_some_and(|c| c != session.cluster) {
+            continue;
+        }
+        let verdict = shared.store.recheck(&session.cluster, &session.token_id);
+        if !matches!(verdict, Verdict::Valid { .. }) {
+            tracing::warn!(cluster = %session.cluster, reason = verdict.reason(), "ending session");
+            shared.registry.remove(&session.cluster, session.id);
+            let why = format!("{}; mint a new join token with towerctl", verdict.reason());
+            tokio::spawn(async move { session.disconnect(&why).await });
         }
     }
 }
