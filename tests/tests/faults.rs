@@ -242,6 +242,95 @@ async fn until_ok(
 // === agent kill -9 ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigterm_drains_a_large_list_and_cuts_watches() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let server = TowerServer::start(&dir.path().join("server"))
+        .await
+        .unwrap();
+    let cluster = "list-drain";
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
+    let mut agent = fixture::spawn_agent_process(
+        &token_file,
+        &env.member,
+        &env.sa_token_file,
+        &dir.path().join("agent.log"),
+    )
+    .unwrap();
+    assert!(
+        server
+            .wait_connected(cluster, true, Duration::from_secs(20))
+            .await
+    );
+    let id = server.identity(cluster).unwrap();
+    let ca = server.server.ca_pem().to_string();
+    let gw = server.gateway_addr;
+    let path = format!("/clusters/{cluster}/api/v1/namespaces/{BIG_NS}/configmaps");
+
+    // A watch, and a large LIST of which the client has read only 256 KiB.
+    let mut h1 = gateway_h1(gw, &ca, &id).await.unwrap();
+    let w = h1
+        .send_request(get(&format!(
+            "/clusters/{cluster}/api/v1/namespaces?watch=true"
+        )))
+        .await
+        .unwrap();
+    let mut wb = w.into_body();
+    let seen = read_some(&mut wb, 1, Some("ADDED")).await;
+    let mut h1 = gateway_h1(gw, &ca, &id).await.unwrap();
+    let resp = h1.send_request(get(&path)).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut body = resp.into_body();
+    let got = read_some(&mut body, 256 * 1024, None).await;
+
+    // SIGTERM: the agent drains. The LIST still arrives whole, new requests get
+    // 503 Status (never a cut or a 502), the watch ends, and the agent exits.
+    let stopped = Instant::now();
+    agent.terminate();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let (s, b) = status_of(gw, &ca, &id, &format!("/clusters/{cluster}/version")).await;
+    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
+    assert_status(&b, 503, "ServiceUnavailable");
+    let list = match tokio::time::timeout(Duration::from_secs(30), finish(body, got))
+        .await
+        .expect("the LIST hung while the agent drained")
+    {
+        Ending::Complete(list) => list,
+        Ending::Error { bytes, error } => panic!(
+            "the LIST in flight was cut by a graceful agent stop after {bytes} bytes, \
+             {:.2?} after the signal: {error}\nagent log:\n{}",
+            stopped.elapsed(),
+            std::fs::read_to_string(dir.path().join("agent.log")).unwrap_or_default()
+        ),
+    };
+    let list: serde_json::Value = serde_json::from_slice(&list).unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), BIG_ITEMS);
+    let listed = stopped.elapsed();
+    // Cleanly or with an error, the watch ends: its client re-watches.
+    tokio::time::timeout(Duration::from_secs(10), finish(wb, seen))
+        .await
+        .expect("the watch hung after the agent drained");
+    let watch_ended = stopped.elapsed();
+    assert!(
+        server
+            .wait_connected(cluster, false, Duration::from_secs(5))
+            .await
+    );
+    let exited = fixture::eventually(Duration::from_secs(10), || {
+        let running = agent.is_running();
+        async move { (!running).then_some(()) }
+    })
+    .await;
+    assert!(exited.is_some(), "the agent did not exit after draining");
+    eprintln!(
+        "agent SIGTERM mid LIST: the LIST finished whole {listed:.2?} after the signal, \
+         the watch ended at {watch_ended:.2?}, the agent exited at {:.2?}",
+        stopped.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kill9_mid_large_list() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();

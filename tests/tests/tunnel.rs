@@ -304,15 +304,27 @@ async fn routing_forms_and_errors() {
     );
     assert_eq!(info["authorization"], format!("Bearer {}", env.sa_token));
 
-    // Unknown cluster: 404 Status. Known but disconnected: 503 Status.
-    let (s, b) = get("/clusters/mordor/version").await;
+    // Unknown cluster: 404 Status. Known but disconnected: 503 Status. (Each
+    // asked with a certificate issued for that cluster: gondor's certificate
+    // gets 403 for both, without learning which exists.)
+    let for_cluster = |cluster: &str, path: &'static str| {
+        let ca = ca.clone();
+        let id = env.server.identity(cluster).unwrap();
+        async move { raw::get(gw, &ca, &id, path).await.unwrap() }
+    };
+    let (s, b) = for_cluster("mordor", "/clusters/mordor/version").await;
     assert_eq!(s, 404);
     assert_status(&b, 404, "NotFound");
     env.server.mint("rohan", None).unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let (s, b) = get("/clusters/rohan/version").await;
+    let (s, b) = for_cluster("rohan", "/clusters/rohan/version").await;
     assert_eq!(s, 503);
     assert_status(&b, 503, "ServiceUnavailable");
+    for other in ["/clusters/mordor/version", "/clusters/rohan/version"] {
+        let (s, b) = get(other).await;
+        assert_eq!(s, 403, "{other}");
+        assert_status(&b, 403, "Forbidden");
+    }
     for bad in [
         "/clusters/../gondor/version",
         "/clusters/gondor/../../version",
@@ -529,7 +541,7 @@ async fn agent_refuses_names_outside_its_allow_list() {
         assert!(r.is_err(), "agent accepted a channel for {name}");
     }
     // The gateway does not even try for an upstream the agent does not serve.
-    let id = identity(env);
+    let id = env.server.identity("lorien").unwrap();
     let (s, b) = raw::get(
         env.server.gateway_addr,
         env.server.server.ca_pem(),

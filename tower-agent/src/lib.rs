@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
 use hyper::service::service_fn;
+use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use russh::client::{self, ChannelOpenHandle, DisconnectReason, Msg};
 use russh::keys::PublicKeyOrCertificate;
@@ -78,6 +79,10 @@ pub struct AgentConfig {
     pub keepalive_max: usize,
     pub backoff_min: Duration,
     pub backoff_max: Duration,
+    /// On shutdown, how long requests already in the tunnel may take to
+    /// finish (new ones are refused, so the server answers 503 for them)
+    /// before the connection is closed. Watches are cut when it runs out.
+    pub drain_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -89,6 +94,7 @@ impl AgentConfig {
             keepalive_max: 3,
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
+            drain_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -187,10 +193,8 @@ impl Agent {
         loop {
             self.status.send_replace(AgentStatus::Connecting);
             let started = Instant::now();
-            let result = tokio::select! {
-                _ = shutdown.cancelled() => break,
-                r = self.session(&shutdown) => r,
-            };
+            // The session watches `shutdown` itself, to drain before it goes.
+            let result = self.session(&shutdown).await;
             if shutdown.is_cancelled() {
                 break;
             }
@@ -230,10 +234,14 @@ impl Agent {
         let cluster = token.claims.cluster.clone();
         let mut last_err = AgentError::Config("the join token names no server".into());
         for addr in &token.claims.servers {
-            match self.dial(addr, &token).await {
-                Ok((handle, ended)) => {
+            let dialed = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                r = self.dial(addr, &token) => r,
+            };
+            match dialed {
+                Ok((handle, ended, drain)) => {
                     return self
-                        .established(addr, handle, ended, &cluster, shutdown)
+                        .established(addr, handle, ended, drain, &cluster, shutdown)
                         .await;
                 }
                 Err(e @ AgentError::HostKeyMismatch { .. }) => return Err(e),
@@ -247,7 +255,14 @@ impl Agent {
         &self,
         addr: &str,
         token: &JoinToken,
-    ) -> Result<(client::Handle<AgentHandler>, Arc<Mutex<Option<String>>>), AgentError> {
+    ) -> Result<
+        (
+            client::Handle<AgentHandler>,
+            Arc<Mutex<Option<String>>>,
+            Drain,
+        ),
+        AgentError,
+    > {
         let dial_err = |reason: String| AgentError::Dial {
             addr: addr.to_string(),
             reason,
@@ -287,12 +302,14 @@ impl Agent {
         });
         let mismatch = Arc::new(Mutex::new(None));
         let ended = Arc::new(Mutex::new(None));
+        let drain = Drain::default();
         let handler = AgentHandler {
             pinned: token.claims.host_key.clone(),
             mismatch: mismatch.clone(),
             ended: ended.clone(),
             upstreams: self.upstreams.clone(),
             metrics: self.metrics.clone(),
+            drain: drain.clone(),
         };
         let connect = client::connect_stream(config, tcp, handler);
         let mut handle = match tokio::time::timeout(Duration::from_secs(15), connect).await {
@@ -318,7 +335,7 @@ impl Agent {
                 cluster: token.claims.cluster.clone(),
             });
         }
-        Ok((handle, ended))
+        Ok((handle, ended, drain))
     }
 
     async fn established(
@@ -326,6 +343,7 @@ impl Agent {
         addr: &str,
         handle: client::Handle<AgentHandler>,
         ended: Arc<Mutex<Option<String>>>,
+        inflight: Drain,
         cluster: &str,
         shutdown: &CancellationToken,
     ) -> Result<(), AgentError> {
@@ -392,6 +410,15 @@ impl Agent {
         tokio::select! {
             _ = drain(&mut control) => {}
             _ = shutdown.cancelled() => {
+                // Drain: refuse new channels, let each open one finish its
+                // requests (HTTP/2 GOAWAY), then say goodbye.
+                let started = Instant::now();
+                let unfinished = inflight.run(self.config.drain_timeout).await;
+                tracing::info!(
+                    took = ?started.elapsed(),
+                    cut = unfinished,
+                    "drained the tunnel; disconnecting"
+                );
                 let _ = handle
                     .disconnect(russh::Disconnect::ByApplication, "agent shutting down", "en")
                     .await;
@@ -412,6 +439,130 @@ struct AgentHandler {
     ended: Arc<Mutex<Option<String>>>,
     upstreams: Arc<HashMap<String, Arc<Upstream>>>,
     metrics: metrics::AgentMetrics,
+    drain: Drain,
+}
+
+/// A session's channels, so that a shutdown can let them finish.
+///
+/// Draining refuses new channels and sends GOAWAY on the open ones: requests
+/// already sent are served to the last byte. Watches end at the next event
+/// boundary and upgraded streams are cut, since they never finish on their
+/// own; their clients resume them elsewhere.
+#[derive(Clone, Default)]
+struct Drain {
+    started: CancellationToken,
+    channels: tokio_util::task::TaskTracker,
+    /// Tunnel channels whose close the server has not confirmed yet: until it
+    /// does, their last bytes may still sit in the SSH layer's send queue.
+    unclosed: Arc<(
+        Mutex<std::collections::HashSet<russh::ChannelId>>,
+        tokio::sync::Notify,
+    )>,
+}
+
+impl Drain {
+    /// Drains, waiting up to `limit` for every channel to finish and be closed
+    /// by both sides; returns how many were still open when it ran out.
+    async fn run(&self, limit: Duration) -> usize {
+        self.started.cancel();
+        self.channels.close();
+        let all_closed = async {
+            self.channels.wait().await;
+            loop {
+                let notified = self.unclosed.1.notified();
+                if self.unclosed.0.lock().expect("poisoned").is_empty() {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, all_closed).await;
+        self.unclosed.0.lock().expect("poisoned").len()
+    }
+
+    fn opened(&self, id: russh::ChannelId) {
+        self.unclosed.0.lock().expect("poisoned").insert(id);
+    }
+
+    fn closed(&self, id: russh::ChannelId) {
+        if self.unclosed.0.lock().expect("poisoned").remove(&id) {
+            self.unclosed.1.notify_waiters();
+        }
+    }
+
+    /// A watch's response ends cleanly once draining starts.
+    fn track(
+        &self,
+        long_running: bool,
+        resp: Response<upstream::Body>,
+    ) -> Response<upstream::Body> {
+        if !long_running {
+            return resp;
+        }
+        let ends = Box::pin(self.started.clone().cancelled_owned());
+        resp.map(|body| {
+            http_body_util::BodyExt::boxed_unsync(EndsOnDrain {
+                inner: body,
+                ends,
+                at_boundary: true,
+                draining: false,
+            })
+        })
+    }
+}
+
+/// A watch body that ends at the first event boundary (a newline-terminated
+/// frame) after draining starts.
+struct EndsOnDrain {
+    inner: upstream::Body,
+    ends: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    at_boundary: bool,
+    draining: bool,
+}
+
+impl hyper::body::Body for EndsOnDrain {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        if !self.draining && self.ends.as_mut().poll(cx).is_ready() {
+            self.draining = true;
+        }
+        if self.draining && self.at_boundary {
+            return Poll::Ready(None);
+        }
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && !data.is_empty()
+        {
+            self.at_boundary = data.ends_with(b"\n");
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether a request through the tunnel may run for as long as its client
+/// likes: a watch, or an upgraded stream (exec, port-forward, WebSocket).
+fn is_long_running(req: &Request<hyper::body::Incoming>) -> bool {
+    req.method() == hyper::Method::CONNECT
+        || req.headers().contains_key(hyper::header::UPGRADE)
+        || req.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true"))
+        })
 }
 
 impl client::Handler for AgentHandler {
@@ -454,8 +605,28 @@ impl client::Handler for AgentHandler {
                 .await;
             return Ok(());
         };
+        if self.drain.started.is_cancelled() {
+            // Shutting down: the server answers this request 503.
+            reply.reject(ChannelOpenFailure::ConnectFailed).await;
+            return Ok(());
+        }
         reply.accept().await;
-        tokio::spawn(serve_channel(channel, upstream, self.metrics.clone()));
+        self.drain.opened(channel.id());
+        self.drain.channels.spawn(serve_channel(
+            channel,
+            upstream,
+            self.metrics.clone(),
+            self.drain.clone(),
+        ));
+        Ok(())
+    }
+
+    async fn channel_close(
+        &mut self,
+        channel: russh::ChannelId,
+        _session: &mut client::Session,
+    ) -> Result<(), Self::Error> {
+        self.drain.closed(channel);
         Ok(())
     }
 
@@ -496,6 +667,7 @@ async fn serve_channel(
     channel: Channel<Msg>,
     upstream: Arc<Upstream>,
     metrics: metrics::AgentMetrics,
+    drain: Drain,
 ) {
     let io = TokioIo::new(channel.into_stream());
     metrics.channels.inc();
@@ -505,12 +677,17 @@ async fn serve_channel(
             upstream: upstream.name.clone(),
         })
         .clone();
+    let started = drain.started.clone();
     let service = service_fn(move |req| {
-        let upstream = upstream.clone();
+        let (upstream, drain) = (upstream.clone(), drain.clone());
         requests.inc();
-        async move { Ok::<_, std::convert::Infallible>(upstream.serve(req).await) }
+        async move {
+            let long_running = is_long_running(&req);
+            let resp = upstream.serve(req, drain.started.clone()).await;
+            Ok::<_, std::convert::Infallible>(drain.track(long_running, resp))
+        }
     });
-    let result = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .enable_connect_protocol()
         .initial_stream_window_size(H2_STREAM_WINDOW)
@@ -518,8 +695,16 @@ async fn serve_channel(
         .max_frame_size(64 * 1024)
         .max_header_list_size(H2_MAX_HEADER_LIST)
         .max_concurrent_streams(10_000)
-        .serve_connection(io, service)
-        .await;
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = started.cancelled() => {
+            // GOAWAY: streams already sent are served, new ones go elsewhere.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
     metrics.channels.dec();
     if let Err(e) = result {
         tracing::debug!(error = %e, "tunnel channel ended");

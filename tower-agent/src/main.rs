@@ -49,6 +49,10 @@ struct Args {
     /// Longest wait between reconnect attempts, in seconds.
     #[arg(long, env = "TOWER_BACKOFF_MAX", default_value_t = 5.0)]
     backoff_max: f64,
+    /// On SIGTERM, how long requests already in the tunnel may take to finish,
+    /// in seconds; new ones are refused meanwhile and watches are cut.
+    #[arg(long, env = "TOWER_DRAIN_TIMEOUT", default_value_t = 5.0)]
+    drain_timeout: f64,
 }
 
 #[tokio::main]
@@ -84,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
     config.keepalive_interval = Duration::from_secs_f64(args.keepalive_interval);
     config.keepalive_max = args.keepalive_max;
     config.backoff_max = Duration::from_secs_f64(args.backoff_max);
+    config.drain_timeout = Duration::from_secs_f64(args.drain_timeout);
     let agent = std::sync::Arc::new(Agent::new(config)?);
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

@@ -113,12 +113,17 @@ impl Upstream {
         })
     }
 
-    /// Serves one request that arrived through the tunnel.
-    pub async fn serve(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    /// Serves one request that arrived through the tunnel. An upgraded stream
+    /// is cut when `ends` fires (the agent is shutting down).
+    pub async fn serve(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+        ends: tokio_util::sync::CancellationToken,
+    ) -> Response<Body> {
         let is_extended_connect = req.method() == Method::CONNECT
             && req.extensions().get::<hyper::ext::Protocol>().is_some();
         let result = if is_extended_connect {
-            self.upgrade(req).await
+            self.upgrade(req, ends).await
         } else {
             self.forward(req).await
         };
@@ -172,7 +177,11 @@ impl Upstream {
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 
-    async fn upgrade(&self, mut req: Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        ends: tokio_util::sync::CancellationToken,
+    ) -> Result<Response<Body>, Response<Body>> {
         let protocol = req
             .extensions()
             .get::<hyper::ext::Protocol>()
@@ -215,8 +224,15 @@ impl Upstream {
                 (Ok(t), Ok(u)) => {
                     let mut t = TokioIo::new(t);
                     let mut u = TokioIo::new(u);
-                    if let Err(e) = tokio::io::copy_bidirectional(&mut t, &mut u).await {
-                        tracing::debug!(upstream = %name, error = %e, "upgraded stream ended");
+                    tokio::select! {
+                        r = tokio::io::copy_bidirectional(&mut t, &mut u) => {
+                            if let Err(e) = r {
+                                tracing::debug!(upstream = %name, error = %e, "upgraded stream ended");
+                            }
+                        }
+                        _ = ends.cancelled() => {
+                            tracing::debug!(upstream = %name, "upgraded stream cut: the agent is shutting down");
+                        }
                     }
                 }
                 (t, u) => {

@@ -65,8 +65,8 @@ pub struct ServerConfig {
     /// upgraded streams are not bound by it.
     pub gateway_header_read_timeout: Duration,
     /// A gateway client certificate reaches only the cluster it was issued
-    /// for (`CN=tower:<cluster>`); off, any certificate from the tower CA
-    /// reaches every cluster.
+    /// for (`CN=tower:<cluster>`), the default; off, any certificate from the
+    /// tower CA reaches every cluster.
     pub gateway_client_bound_to_cluster: bool,
 }
 
@@ -85,7 +85,7 @@ impl ServerConfig {
             max_unauthenticated_ssh_per_source: 32,
             gateway_tls_timeout: Duration::from_secs(10),
             gateway_header_read_timeout: Duration::from_secs(30),
-            gateway_client_bound_to_cluster: false,
+            gateway_client_bound_to_cluster: true,
         }
     }
 }

@@ -226,7 +226,7 @@ impl Session {
         upstream: &str,
         mut req: Request<Body>,
     ) -> Result<Response<Incoming>, ForwardError> {
-        let mut sender = self.h2_sender(upstream).await?;
+        let mut sender = self.h2_sender(upstream, false).await?;
         // h2 needs an absolute URI; the authority is the logical upstream name.
         let pq = req
             .uri()
@@ -237,19 +237,40 @@ impl Session {
             .parse()
             .expect("upstream names and routed paths form valid URIs");
         *req.version_mut() = http::Version::HTTP_2;
-        sender
-            .send_request(req)
-            .await
-            .map_err(|source| ForwardError::Http {
+        let replay = replayable(&req);
+        match sender.send_request(req).await {
+            Ok(resp) => Ok(resp),
+            // The agent's connection went away (a draining agent's GOAWAY, or
+            // a dead channel) before any response: a safe, bodiless request
+            // is sent once more on a fresh channel, whose refusal is a 503.
+            Err(_) if replay.is_some() => {
+                let mut sender = self.h2_sender(upstream, true).await?;
+                let req = replay.expect("checked");
+                sender
+                    .send_request(req)
+                    .await
+                    .map_err(|source| ForwardError::Http {
+                        cluster: self.cluster.clone(),
+                        source,
+                    })
+            }
+            Err(source) => Err(ForwardError::Http {
                 cluster: self.cluster.clone(),
                 source,
-            })
+            }),
+        }
     }
 
-    async fn h2_sender(&self, upstream: &str) -> Result<http2::SendRequest<Body>, ForwardError> {
+    /// The HTTP/2 connection to `upstream`, opened on a new channel when there
+    /// is none, it is closed, or `fresh` asks for a new one.
+    async fn h2_sender(
+        &self,
+        upstream: &str,
+        fresh: bool,
+    ) -> Result<http2::SendRequest<Body>, ForwardError> {
         let mut senders = self.h2.lock().await;
         if let Some(sender) = senders.get_mut(upstream) {
-            if !sender.is_closed() && sender.ready().await.is_ok() {
+            if !fresh && !sender.is_closed() && sender.ready().await.is_ok() {
                 return Ok(sender.clone());
             }
             senders.remove(upstream);
@@ -313,6 +334,28 @@ impl Session {
                 source,
             })
     }
+}
+
+/// A copy of `req` to send again if the first attempt fails before any
+/// response: only for safe methods without a body.
+fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
+    use hyper::body::Body as _;
+    let safe = matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    );
+    if !safe
+        || !req.body().is_end_stream()
+        || req.extensions().get::<hyper::ext::Protocol>().is_some()
+    {
+        return None;
+    }
+    let mut copy = Request::new(crate::status::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    Some(copy)
 }
 
 // === impl ChannelIo ===

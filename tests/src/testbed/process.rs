@@ -99,6 +99,15 @@ impl Process {
         tracing::debug!(name = %self.name, pid = self.pid, "killed");
     }
 
+    /// Sends SIGTERM (a graceful stop); [`Process::is_running`] tells when it
+    /// is done.
+    pub fn terminate(&mut self) {
+        if !self.reaped {
+            // SAFETY: kill(2) on our own child's pid, which is not reaped yet.
+            unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        }
+    }
+
     /// Whether the process is still running (reaps it if it has exited).
     pub fn is_running(&mut self) -> bool {
         if self.reaped {

@@ -60,6 +60,11 @@ struct Args {
     /// Address of the operations endpoints (/healthz, /readyz, /metrics); empty disables them.
     #[arg(long, env = "TOWER_OPS_LISTEN", default_value = "0.0.0.0:9090")]
     ops_listen: String,
+    /// Let any client certificate from the tower CA reach every cluster. By
+    /// default a certificate reaches only the cluster it was issued for
+    /// (`CN=tower:<cluster>`, as in every synthesized kubeconfig).
+    #[arg(long, env = "TOWER_GATEWAY_ANY_CLUSTER")]
+    gateway_any_cluster: bool,
     /// Print the bound ports on stdout (`ssh=… gateway=…`), for scripts binding port 0.
     #[arg(long, env = "TOWER_PRINT_PORTS", hide = true)]
     print_ports: bool,
@@ -78,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
     config.gateway_hosts = args.gateway_hosts;
     config.keepalive_interval = Duration::from_secs_f64(args.keepalive_interval);
     config.keepalive_max = args.keepalive_max;
+    config.gateway_client_bound_to_cluster = !args.gateway_any_cluster;
     let ssh = tokio::net::TcpListener::bind(&args.ssh_listen)
         .await
         .with_context(|| format!("binding SSH listener {}", args.ssh_listen))?;
