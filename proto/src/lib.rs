@@ -5,9 +5,11 @@
 //!   pinned host-key fingerprint, the cluster name and the agent's secret.
 //! - [`hello`]: the versioned hello/welcome exchange on the control channel.
 //! - [`names`]: SSH user, subsystem, upstream and capability names.
+//! - [`http`]: header rules both ends apply, and the `Status` error body.
 #![forbid(unsafe_code)]
 
 pub mod hello;
+pub mod http;
 pub mod names;
 pub mod token;
 

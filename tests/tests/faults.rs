@@ -239,32 +239,60 @@ async fn until_ok(
     panic!("{path} not back to 200 within {limit:?}; last: {last}")
 }
 
-// === agent kill -9 ===
+// === agent kill -9 / SIGTERM ===
+
+/// A server in-process and the real agent binary for `cluster`, connected.
+struct ProcessAgent {
+    dir: tempfile::TempDir,
+    server: TowerServer,
+    agent: tower_tests::testbed::Process,
+    id: raw::Identity,
+    ca: String,
+}
+
+impl ProcessAgent {
+    async fn start(cluster: &str) -> Self {
+        let env = env();
+        let dir = tempfile::tempdir().unwrap();
+        let server = TowerServer::start(&dir.path().join("server"))
+            .await
+            .unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
+        let agent = fixture::spawn_agent_process(
+            &token_file,
+            &env.member,
+            &env.sa_token_file,
+            &dir.path().join("agent.log"),
+        )
+        .unwrap();
+        assert!(
+            server
+                .wait_connected(cluster, true, Duration::from_secs(20))
+                .await
+        );
+        let id = server.identity(cluster).unwrap();
+        let ca = server.server.ca_pem().to_string();
+        Self {
+            dir,
+            server,
+            agent,
+            id,
+            ca,
+        }
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sigterm_drains_a_large_list_and_cuts_watches() {
-    let env = env();
-    let dir = tempfile::tempdir().unwrap();
-    let server = TowerServer::start(&dir.path().join("server"))
-        .await
-        .unwrap();
     let cluster = "list-drain";
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-    let mut agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
-    assert!(
-        server
-            .wait_connected(cluster, true, Duration::from_secs(20))
-            .await
-    );
-    let id = server.identity(cluster).unwrap();
-    let ca = server.server.ca_pem().to_string();
+    let ProcessAgent {
+        dir,
+        server,
+        mut agent,
+        id,
+        ca,
+    } = ProcessAgent::start(cluster).await;
     let gw = server.gateway_addr;
     let path = format!("/clusters/{cluster}/api/v1/namespaces/{BIG_NS}/configmaps");
 
@@ -332,28 +360,14 @@ async fn agent_sigterm_drains_a_large_list_and_cuts_watches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kill9_mid_large_list() {
-    let env = env();
-    let dir = tempfile::tempdir().unwrap();
-    let server = TowerServer::start(&dir.path().join("server"))
-        .await
-        .unwrap();
     let cluster = "list-kill";
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-    let mut agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
-    assert!(
-        server
-            .wait_connected(cluster, true, Duration::from_secs(20))
-            .await
-    );
-    let id = server.identity(cluster).unwrap();
-    let ca = server.server.ca_pem().to_string();
+    let ProcessAgent {
+        dir: _dir,
+        server,
+        mut agent,
+        id,
+        ca,
+    } = ProcessAgent::start(cluster).await;
 
     // A complete LIST first, to know its size.
     let path = format!("/clusters/{cluster}/api/v1/namespaces/{BIG_NS}/configmaps");
@@ -417,27 +431,14 @@ async fn agent_kill9_mid_large_list() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_kill9_mid_watch_then_a_new_agent_serves() {
     let env = env();
-    let dir = tempfile::tempdir().unwrap();
-    let server = TowerServer::start(&dir.path().join("server"))
-        .await
-        .unwrap();
     let cluster = "watch-kill";
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-    let mut agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
-    assert!(
-        server
-            .wait_connected(cluster, true, Duration::from_secs(20))
-            .await
-    );
-    let id = server.identity(cluster).unwrap();
-    let ca = server.server.ca_pem().to_string();
+    let ProcessAgent {
+        dir,
+        server,
+        mut agent,
+        id,
+        ca,
+    } = ProcessAgent::start(cluster).await;
 
     // Two watches in flight, over HTTP/1.1 and HTTP/2.
     let watch = format!("/clusters/{cluster}/api/v1/namespaces?watch=true");
@@ -483,7 +484,7 @@ async fn agent_kill9_mid_watch_then_a_new_agent_serves() {
     // A new agent process: service and watches are back.
     let started = Instant::now();
     let _agent = fixture::spawn_agent_process(
-        &token_file,
+        &dir.path().join("token"),
         &env.member,
         &env.sa_token_file,
         &dir.path().join("agent2.log"),

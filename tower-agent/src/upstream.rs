@@ -304,28 +304,11 @@ impl TokenFile {
 
 // === helpers ===
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "host",
-];
-
+/// Headers without hop-by-hop and impersonation headers, which never cross
+/// the tunnel in either direction.
 fn clean_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || n.starts_with("impersonate-") {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
+    let mut out = tower_proto::http::strip_hop_by_hop(headers);
+    tower_proto::http::strip_impersonation(&mut out);
     out
 }
 
@@ -337,19 +320,9 @@ fn empty() -> Body {
 
 /// A Kubernetes `Status` error response.
 pub fn status(code: StatusCode, message: impl Into<String>) -> Response<Body> {
-    let reason = match code {
-        StatusCode::BAD_REQUEST => "BadRequest",
-        StatusCode::FORBIDDEN => "Forbidden",
-        StatusCode::NOT_FOUND => "NotFound",
-        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
-        _ => "InternalError",
-    };
-    let body = serde_json::json!({
-        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
-        "message": message.into(), "reason": reason, "code": code.as_u16(),
-    });
+    let body = tower_proto::http::status_json(code, &message.into());
     let mut resp = Response::new(
-        Full::new(Bytes::from(body.to_string()))
+        Full::new(Bytes::from(body))
             .map_err(|never| match never {})
             .boxed_unsync(),
     );

@@ -24,6 +24,7 @@ use crate::Shared;
 use crate::route::{RouteError, route};
 use crate::session::ForwardError;
 use crate::status::{Body, status};
+use tower_proto::http::strip_hop_by_hop;
 
 /// Header carrying an upgrade request's original method inside extended CONNECT.
 pub const METHOD_HEADER: &str = "x-tower-method";
@@ -325,38 +326,6 @@ fn upgrade_protocol(headers: &HeaderMap) -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "transfer-encoding",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-authorization",
-    "proxy-authenticate",
-    "host",
-];
-
-fn strip_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
-    let listed: Vec<String> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .collect();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let n = name.as_str();
-        if HOP_BY_HOP.contains(&n) || listed.iter().any(|l| l == n) {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
-    out
-}
-
 /// Request headers that may cross the tunnel. Callers' credentials and
 /// impersonation requests never do: the agent authenticates with its own
 /// credentials, and `Impersonate-*` is stripped (see docs/security.md).
@@ -364,14 +333,7 @@ fn clean_request_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = strip_hop_by_hop(headers);
     out.remove(header::AUTHORIZATION);
     out.remove(HeaderName::from_static(METHOD_HEADER));
-    let impersonate: Vec<HeaderName> = out
-        .keys()
-        .filter(|k| k.as_str().starts_with("impersonate-"))
-        .cloned()
-        .collect();
-    for k in impersonate {
-        out.remove(k);
-    }
+    tower_proto::http::strip_impersonation(&mut out);
     out
 }
 

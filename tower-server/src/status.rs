@@ -19,29 +19,8 @@ pub fn empty() -> Body {
 
 /// A `Status` response with Kubernetes' reason for `code`.
 pub fn status(code: StatusCode, message: impl Into<String>) -> Response<Body> {
-    let reason = match code {
-        StatusCode::BAD_REQUEST => "BadRequest",
-        StatusCode::UNAUTHORIZED => "Unauthorized",
-        StatusCode::FORBIDDEN => "Forbidden",
-        StatusCode::NOT_FOUND => "NotFound",
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE | StatusCode::URI_TOO_LONG => {
-            "RequestEntityTooLarge"
-        }
-        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
-        StatusCode::GATEWAY_TIMEOUT => "Timeout",
-        StatusCode::BAD_GATEWAY => "InternalError",
-        _ => "InternalError",
-    };
-    let body = serde_json::json!({
-        "kind": "Status",
-        "apiVersion": "v1",
-        "metadata": {},
-        "status": "Failure",
-        "message": message.into(),
-        "reason": reason,
-        "code": code.as_u16(),
-    });
-    let mut resp = Response::new(full(body.to_string()));
+    let body = tower_proto::http::status_json(code, &message.into());
+    let mut resp = Response::new(full(body));
     *resp.status_mut() = code;
     resp.headers_mut().insert(
         header::CONTENT_TYPE,

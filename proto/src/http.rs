@@ -1,0 +1,126 @@
+//! HTTP rules both ends of the tunnel apply: which headers never cross a hop,
+//! which never reach a member cluster, and the Kubernetes `Status` error body.
+
+use http::{HeaderMap, StatusCode, header};
+
+/// Headers that belong to one connection and are never forwarded, besides
+/// those a `Connection` header lists.
+pub const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-authorization",
+    "proxy-authenticate",
+    "host",
+];
+
+/// `headers` without hop-by-hop headers, including any a `Connection` header
+/// names.
+pub fn strip_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
+    let listed: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let n = name.as_str();
+        if HOP_BY_HOP.contains(&n) || listed.iter().any(|l| l == n) {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    out
+}
+
+/// Whether `name` (lower case, as `http` stores it) asks the apiserver to
+/// impersonate someone: `Impersonate-User`, `-Group`, `-Uid`, `-Extra-*`.
+/// Such headers never cross the tunnel (docs/security.md).
+pub fn is_impersonation(name: &str) -> bool {
+    name.starts_with("impersonate-")
+}
+
+/// Removes every impersonation header from `headers`.
+pub fn strip_impersonation(headers: &mut HeaderMap) {
+    let names: Vec<_> = headers
+        .keys()
+        .filter(|k| is_impersonation(k.as_str()))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// Kubernetes' `reason` for an error status code.
+pub fn status_reason(code: StatusCode) -> &'static str {
+    match code {
+        StatusCode::BAD_REQUEST => "BadRequest",
+        StatusCode::UNAUTHORIZED => "Unauthorized",
+        StatusCode::FORBIDDEN => "Forbidden",
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE | StatusCode::URI_TOO_LONG => {
+            "RequestEntityTooLarge"
+        }
+        StatusCode::SERVICE_UNAVAILABLE => "ServiceUnavailable",
+        StatusCode::GATEWAY_TIMEOUT => "Timeout",
+        _ => "InternalError",
+    }
+}
+
+/// A Kubernetes `Status` (kind `Status`, status `Failure`) as JSON text.
+pub fn status_json(code: StatusCode, message: &str) -> String {
+    serde_json::json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": status_reason(code),
+        "code": code.as_u16(),
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_listed_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "x-private, keep-alive".parse().unwrap());
+        h.insert("x-private", "1".parse().unwrap());
+        h.insert("transfer-encoding", "chunked".parse().unwrap());
+        h.insert("accept", "application/json".parse().unwrap());
+        let out = strip_hop_by_hop(&h);
+        assert_eq!(out.len(), 1);
+        assert!(out.contains_key("accept"));
+    }
+
+    #[test]
+    fn impersonation_goes() {
+        let mut h = HeaderMap::new();
+        h.insert("impersonate-user", "root".parse().unwrap());
+        h.insert("impersonate-extra-scopes", "x".parse().unwrap());
+        h.insert("accept", "*/*".parse().unwrap());
+        strip_impersonation(&mut h);
+        assert_eq!(h.len(), 1);
+    }
+
+    #[test]
+    fn status_is_kubernetes_shaped() {
+        let v: serde_json::Value =
+            serde_json::from_str(&status_json(StatusCode::SERVICE_UNAVAILABLE, "gone")).unwrap();
+        assert_eq!(v["kind"], "Status");
+        assert_eq!(v["code"], 503);
+        assert_eq!(v["reason"], "ServiceUnavailable");
+        assert_eq!(v["message"], "gone");
+    }
+}
