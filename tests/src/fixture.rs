@@ -155,12 +155,23 @@ impl TowerAgent {
     }
 
     pub fn start_with(token: TokenSource, upstreams: Vec<UpstreamConfig>) -> anyhow::Result<Self> {
+        Self::start_configured(token, upstreams, |_| {})
+    }
+
+    /// Like [`TowerAgent::start_with`], with `tweak` applied to the test
+    /// settings last.
+    pub fn start_configured(
+        token: TokenSource,
+        upstreams: Vec<UpstreamConfig>,
+        tweak: impl FnOnce(&mut AgentConfig),
+    ) -> anyhow::Result<Self> {
         install_crypto_provider();
         let mut config = AgentConfig::new(token, upstreams);
         config.keepalive_interval = TEST_KEEPALIVE;
         config.keepalive_max = TEST_KEEPALIVE_MAX;
         config.backoff_min = Duration::from_millis(100);
         config.backoff_max = Duration::from_secs(1);
+        tweak(&mut config);
         let agent = Arc::new(Agent::new(config)?);
         let shutdown = CancellationToken::new();
         let task = tokio::spawn({
@@ -353,7 +364,7 @@ pub fn identity_from_kubeconfig(yaml: &str) -> anyhow::Result<raw::Identity> {
 
 /// A small HTTPS upstream for routing and upgrade tests: answers every request
 /// with JSON `{method, path, authorization}` and, on `Upgrade: echo`, switches
-/// protocols and echoes bytes back.
+/// protocols and echoes bytes back. A path under `/hang` never answers.
 pub struct EchoUpstream {
     pub url: String,
     pub ca_file: PathBuf,
@@ -405,6 +416,9 @@ impl EchoUpstream {
                                 "authorization": req.headers().get("authorization").and_then(|v| v.to_str().ok()),
                                 "impersonate": req.headers().get("impersonate-user").and_then(|v| v.to_str().ok()),
                             });
+                            if req.uri().path().starts_with("/hang") {
+                                std::future::pending::<()>().await;
+                            }
                             if upgrade.as_deref() == Some("echo") {
                                 let on = hyper::upgrade::on(&mut req);
                                 tokio::spawn(async move {

@@ -15,7 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tower_agent::{AgentStatus, TokenSource};
-use tower_proto::names::UPSTREAM_KS_APISERVER;
+use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 use tower_tests::fixture::{
     self, EchoUpstream, TowerAgent, TowerServer, agent_credential, identity_from_kubeconfig,
     kube_upstream, kubectl, raw,
@@ -1130,4 +1130,52 @@ async fn operations_endpoints_report_health_and_metrics() {
     .await;
     assert!(not_ready.is_some());
     shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_upstream_gets_504_but_a_watch_may_wait() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let echo = EchoUpstream::start(dir.path()).await.unwrap();
+    let cluster = "ithilien";
+    let token = env.server.mint(cluster, None).unwrap();
+    let agent = TowerAgent::start_configured(
+        TokenSource::Literal(token.encode()),
+        vec![echo.upstream(UPSTREAM_KUBE_APISERVER, None)],
+        |c| c.upstream_timeout = Duration::from_secs(1),
+    )
+    .unwrap();
+    assert!(
+        env.server
+            .wait_connected(cluster, true, Duration::from_secs(10))
+            .await
+    );
+    let id = env.server.identity(cluster).unwrap();
+    let ca = env.server.server.ca_pem().to_string();
+    let gw = env.server.gateway_addr;
+    // A short request: a 504 Status once the agent's upstream timeout passes.
+    let asked = Instant::now();
+    let (s, b) = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw::get(gw, &ca, &id, "/clusters/ithilien/hang"),
+    )
+    .await
+    .expect("a hung upstream hung the client")
+    .unwrap();
+    let took = asked.elapsed();
+    assert_eq!(s, 504, "{}", String::from_utf8_lossy(&b));
+    assert_status(&b, 504, "Timeout");
+    assert!(took >= Duration::from_secs(1), "{took:?}");
+    // A watch is long-running: no response-head timeout.
+    let watch = tokio::time::timeout(
+        Duration::from_secs(3),
+        raw::get(gw, &ca, &id, "/clusters/ithilien/hang?watch=true"),
+    )
+    .await;
+    assert!(
+        watch.is_err(),
+        "a watch was cut by the short-request timeout"
+    );
+    eprintln!("hung upstream: 504 Status after {took:.2?}; a watch still waiting after 3 s");
+    agent.stop().await;
 }

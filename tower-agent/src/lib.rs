@@ -18,8 +18,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::BackoffBuilder;
+use hyper::Response;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use russh::client::{self, ChannelOpenHandle, DisconnectReason, Msg};
 use russh::keys::PublicKeyOrCertificate;
@@ -83,6 +83,9 @@ pub struct AgentConfig {
     /// finish (new ones are refused, so the server answers 503 for them)
     /// before the connection is closed. Watches are cut when it runs out.
     pub drain_timeout: Duration,
+    /// How long a request that is not a watch or an upgrade may wait for its
+    /// upstream's response head before the client gets a `504` Status.
+    pub upstream_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -95,6 +98,7 @@ impl AgentConfig {
             backoff_min: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
+            upstream_timeout: upstream::DEFAULT_RESPONSE_TIMEOUT,
         }
     }
 }
@@ -153,7 +157,8 @@ impl Agent {
                 "unknown upstream {:?}; known: {KNOWN_UPSTREAMS:?}",
                 u.name
             );
-            upstreams.insert(u.name.clone(), Arc::new(Upstream::new(u)?));
+            let upstream = Upstream::new(u)?.with_response_timeout(config.upstream_timeout);
+            upstreams.insert(u.name.clone(), Arc::new(upstream));
         }
         anyhow::ensure!(
             !upstreams.is_empty(),
@@ -554,17 +559,6 @@ impl hyper::body::Body for EndsOnDrain {
     }
 }
 
-/// Whether a request through the tunnel may run for as long as its client
-/// likes: a watch, or an upgraded stream (exec, port-forward, WebSocket).
-fn is_long_running(req: &Request<hyper::body::Incoming>) -> bool {
-    req.method() == hyper::Method::CONNECT
-        || req.headers().contains_key(hyper::header::UPGRADE)
-        || req.uri().query().is_some_and(|q| {
-            q.split('&')
-                .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true"))
-        })
-}
-
 impl client::Handler for AgentHandler {
     type Error = russh::Error;
 
@@ -682,7 +676,7 @@ async fn serve_channel(
         let (upstream, drain) = (upstream.clone(), drain.clone());
         requests.inc();
         async move {
-            let long_running = is_long_running(&req);
+            let long_running = upstream::is_long_running(&req);
             let resp = upstream.serve(req, drain.started.clone()).await;
             Ok::<_, std::convert::Infallible>(drain.track(long_running, resp))
         }

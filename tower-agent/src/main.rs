@@ -53,6 +53,10 @@ struct Args {
     /// in seconds; new ones are refused meanwhile and watches are cut.
     #[arg(long, env = "TOWER_DRAIN_TIMEOUT", default_value_t = 5.0)]
     drain_timeout: f64,
+    /// How long a request (not a watch or an upgrade) may wait for the
+    /// upstream's response head, in seconds; then the client gets a 504 Status.
+    #[arg(long, env = "TOWER_UPSTREAM_TIMEOUT", default_value_t = 120.0)]
+    upstream_timeout: f64,
 }
 
 #[tokio::main]
@@ -89,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     config.keepalive_max = args.keepalive_max;
     config.backoff_max = Duration::from_secs_f64(args.backoff_max);
     config.drain_timeout = Duration::from_secs_f64(args.drain_timeout);
+    config.upstream_timeout = Duration::from_secs_f64(args.upstream_timeout);
     let agent = std::sync::Arc::new(Agent::new(config)?);
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();

@@ -44,7 +44,14 @@ pub struct Upstream {
     base: Uri,
     client: Client<HttpsConnector<HttpConnector>, Body>,
     token: Option<TokenFile>,
+    /// How long a short request may wait for the upstream's response head.
+    response_timeout: Duration,
 }
+
+/// Default for [`Upstream::with_response_timeout`]: kube-apiserver answers a
+/// short request within its own 60 s request timeout, so this only fires on
+/// an upstream that hangs.
+pub const DEFAULT_RESPONSE_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -110,7 +117,15 @@ impl Upstream {
             base,
             client,
             token: config.token_file.clone().map(TokenFile::new),
+            response_timeout: DEFAULT_RESPONSE_TIMEOUT,
         })
+    }
+
+    /// Bounds how long a request that is not a watch or an upgrade waits for
+    /// the upstream's response head; past it the client gets a `504` Status.
+    pub fn with_response_timeout(mut self, timeout: Duration) -> Self {
+        self.response_timeout = timeout;
+        self
     }
 
     /// Serves one request that arrived through the tunnel. An upgraded stream
@@ -125,7 +140,8 @@ impl Upstream {
         let result = if is_extended_connect {
             self.upgrade(req, ends).await
         } else {
-            self.forward(req).await
+            let long_running = is_long_running(&req);
+            self.forward(req, long_running).await
         };
         result.unwrap_or_else(|resp| resp)
     }
@@ -159,7 +175,11 @@ impl Upstream {
         Ok(headers)
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Result<Response<Body>, Response<Body>> {
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        long_running: bool,
+    ) -> Result<Response<Body>, Response<Body>> {
         let (parts, body) = req.into_parts();
         let mut out = Request::builder()
             .method(parts.method)
@@ -167,11 +187,24 @@ impl Upstream {
             .body(body.boxed_unsync())
             .expect("valid request parts");
         *out.headers_mut() = self.headers(&parts.headers).map_err(|r| *r)?;
-        let resp = self
-            .client
-            .request(out)
-            .await
-            .map_err(|e| self.unreachable(e))?;
+        let request = self.client.request(out);
+        let resp = if long_running {
+            request.await
+        } else {
+            tokio::time::timeout(self.response_timeout, request)
+                .await
+                .map_err(|_| {
+                    tracing::warn!(upstream = %self.name, timeout = ?self.response_timeout, "upstream did not answer");
+                    status(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        format!(
+                            "{} did not answer within {:?}",
+                            self.name, self.response_timeout
+                        ),
+                    )
+                })?
+        }
+        .map_err(|e| self.unreachable(e))?;
         let (mut parts, body) = resp.into_parts();
         parts.headers = clean_headers(&parts.headers);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
@@ -254,6 +287,17 @@ impl Upstream {
             format!("the agent could not reach {}: {e}", self.name),
         )
     }
+}
+
+/// Whether a request through the tunnel may run for as long as its client
+/// likes: a watch, or an upgraded stream (exec, port-forward, WebSocket).
+pub fn is_long_running(req: &Request<Incoming>) -> bool {
+    req.method() == Method::CONNECT
+        || req.headers().contains_key(header::UPGRADE)
+        || req.uri().query().is_some_and(|q| {
+            q.split('&')
+                .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true"))
+        })
 }
 
 // === impl TokenFile ===
