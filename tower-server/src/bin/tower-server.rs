@@ -99,13 +99,11 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding ops endpoints {}", args.ops_listen))?,
         )
     };
-    if args.print_ports {
-        println!(
-            "ssh={} gateway={}",
-            ssh.local_addr()?.port(),
-            gateway.local_addr()?.port()
-        );
-    }
+    let ports = format!(
+        "ssh={} gateway={}",
+        ssh.local_addr()?.port(),
+        gateway.local_addr()?.port()
+    );
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -119,6 +117,10 @@ async fn main() -> anyhow::Result<()> {
         signal.cancel();
     });
     if args.kubernetes {
+        if args.print_ports {
+            // The identity comes from Secrets inside the run; the ports are bound.
+            println!("{ports}");
+        }
         let client = kube::Client::try_default()
             .await
             .context("connecting to Kubernetes (in-cluster or $KUBECONFIG)")?;
@@ -131,6 +133,10 @@ async fn main() -> anyhow::Result<()> {
     }
     let server = Server::open(config)
         .with_context(|| format!("opening state dir {}", args.state_dir.display()))?;
+    if args.print_ports {
+        // After the state dir is open: the host key and CA exist by now.
+        println!("{ports}");
+    }
     if let Some(ops) = ops {
         let (server, shutdown) = (server.clone(), shutdown.clone());
         tokio::spawn(async move { server.serve_ops(ops, shutdown).await });
