@@ -140,7 +140,7 @@ impl Size {
             get_rounds: 4,
             list_bytes: 52 * 1024 * 1024,
             list_object_bytes: 16 * 1024,
-            list_rounds: 3,
+            list_rounds: 9,
             watches: 1000,
             watch_events: 30,
             watch_interval: Duration::from_millis(100),
