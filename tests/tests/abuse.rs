@@ -277,6 +277,93 @@ async fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStrea
     socket.connect(to).await
 }
 
+// === gateway: handshake floods ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_handshakes_are_capped_per_source_and_clients_still_get_in() {
+    let _shared = MEASURE.read().await;
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = "handshakes";
+    let (server, _agent) = tunnel(
+        dir.path(),
+        cluster,
+        env.echo
+            .upstream(UPSTREAM_KS_APISERVER, Some(&env.sa_token_file)),
+        |c| {
+            c.gateway_tls_timeout = Duration::from_secs(30);
+            c.max_gateway_handshakes = 8;
+            c.max_gateway_handshakes_per_source = 4;
+        },
+    )
+    .await;
+    let gw = server.gateway_addr;
+    // One source opens 6 connections and never starts TLS: 4 are held (until
+    // the TLS timeout), the other 2 are closed at once.
+    let mut flood = Vec::new();
+    let mut refused = 0;
+    for _ in 0..6 {
+        let mut s = connect_from([127, 0, 0, 21], gw).await.unwrap();
+        match until_closed(&mut s, Duration::from_millis(300)).await.1 {
+            Some(_) => refused += 1,
+            None => flood.push(s),
+        }
+    }
+    assert_eq!((flood.len(), refused), (4, 2), "per-source cap of 4");
+    // Four quieter sources fill the overall cap of 8.
+    let mut quiet = Vec::new();
+    for source in 22..26 {
+        let mut s = connect_from([127, 0, 0, source], gw).await.unwrap();
+        assert!(
+            until_closed(&mut s, Duration::from_millis(300))
+                .await
+                .1
+                .is_none(),
+            "source {source} was refused below the overall cap"
+        );
+        quiet.push(s);
+    }
+    // A real client still gets in: it takes the busiest source's oldest slot.
+    let ca = server.server.ca_pem().to_string();
+    let id = server.identity(cluster).unwrap();
+    let started = Instant::now();
+    let (status, body) = tokio::time::timeout(
+        Duration::from_secs(10),
+        raw::get(gw, &ca, &id, &format!("/clusters/{cluster}/version")),
+    )
+    .await
+    .expect("a client was locked out by a handshake flood")
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let got_in = started.elapsed();
+    let mut evicted = 0;
+    for s in &mut flood {
+        if until_closed(s, Duration::from_millis(200))
+            .await
+            .1
+            .is_some()
+        {
+            evicted += 1;
+        }
+    }
+    assert_eq!(
+        evicted, 1,
+        "the busiest source's oldest handshake makes room"
+    );
+    for s in &mut quiet {
+        assert!(
+            until_closed(s, Duration::from_millis(100))
+                .await
+                .1
+                .is_none()
+        );
+    }
+    eprintln!(
+        "gateway handshakes: 2 of 6 from one source refused at once, the overall cap full, \
+         a client served in {got_in:.2?} by evicting 1 flood connection"
+    );
+}
+
 // === gateway: slowloris ===
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

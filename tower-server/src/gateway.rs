@@ -21,6 +21,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 use crate::Shared;
+use crate::admission::{Admission, Throttled};
 use crate::route::{RouteError, route};
 use crate::session::ForwardError;
 use crate::status::{Body, status};
@@ -67,6 +68,11 @@ pub(crate) fn tls_config(
 /// Serves the gateway until `shutdown`.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let acceptor = TlsAcceptor::from(shared.gateway_tls.clone());
+    let admission = Arc::new(Admission::new(
+        shared.config.max_gateway_handshakes,
+        shared.config.max_gateway_handshakes_per_source,
+    ));
+    let dropped = Throttled::default();
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -79,13 +85,30 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
                 }
             },
         };
+        // Until its handshake is done a client holds a slot, capped overall and
+        // per source: a flood of silent or slow handshakes stays bounded.
+        let Some(pending) = admission.admit(peer.ip()) else {
+            dropped.warn(
+                peer,
+                "too many gateway TLS handshakes in progress (overall or from this source); dropping connections",
+            );
+            continue;
+        };
         let _ = socket.set_nodelay(true);
         let acceptor = acceptor.clone();
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             let tls_timeout = shared.config.gateway_tls_timeout;
-            let tls = match tokio::time::timeout(tls_timeout, acceptor.accept(socket)).await {
+            let handshake = tokio::select! {
+                r = tokio::time::timeout(tls_timeout, acceptor.accept(socket)) => r,
+                _ = pending.cut.cancelled() => {
+                    tracing::debug!(%peer, "gateway TLS handshake evicted by a quieter source");
+                    return;
+                }
+            };
+            drop(pending);
+            let tls = match handshake {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, error = %e, "gateway TLS handshake refused");

@@ -9,6 +9,7 @@
 //! `main.rs` stays thin: tests bind `127.0.0.1:0` and call [`Server::run`].
 #![forbid(unsafe_code)]
 
+mod admission;
 pub mod controller;
 pub mod crd;
 pub mod gateway;
@@ -60,6 +61,11 @@ pub struct ServerConfig {
     pub max_unauthenticated_ssh_per_source: usize,
     /// A gateway client must finish its TLS handshake within this.
     pub gateway_tls_timeout: Duration,
+    /// Concurrent gateway TLS handshakes, overall and per source (an IPv4
+    /// address or an IPv6 /64); past the caps a connection is closed at once,
+    /// with the same fair eviction as unauthenticated SSH connections.
+    pub max_gateway_handshakes: usize,
+    pub max_gateway_handshakes_per_source: usize,
     /// An HTTP/1.1 gateway client must send a request's headers within this
     /// (also the idle limit between keep-alive requests). Bodies, watches and
     /// upgraded streams are not bound by it.
@@ -84,6 +90,8 @@ impl ServerConfig {
             max_unauthenticated_ssh: 256,
             max_unauthenticated_ssh_per_source: 32,
             gateway_tls_timeout: Duration::from_secs(10),
+            max_gateway_handshakes: 1024,
+            max_gateway_handshakes_per_source: 64,
             gateway_header_read_timeout: Duration::from_secs(30),
             gateway_client_bound_to_cluster: true,
         }
