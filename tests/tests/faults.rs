@@ -49,26 +49,7 @@ fn keepalive_window() -> Duration {
 
 fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("faults-env".into())
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("runtime");
-                rt.block_on(async move {
-                    tx.send(start_env().await).expect("send env");
-                    std::future::pending::<()>().await;
-                });
-            })
-            .expect("env thread");
-        rx.recv()
-            .expect("env started")
-            .expect("starting the faults environment")
-    })
+    fixture::shared_env(&ENV, "faults", start_env)
 }
 
 async fn start_env() -> anyhow::Result<Env> {
