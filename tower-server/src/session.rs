@@ -208,6 +208,13 @@ impl Session {
         )))
     }
 
+    fn http_error(&self, source: hyper::Error) -> ForwardError {
+        ForwardError::Http {
+            cluster: self.cluster.clone(),
+            source,
+        }
+    }
+
     /// Sends `req` (path-and-query URI, headers already cleaned) to `upstream`.
     pub async fn send(
         &self,
@@ -249,15 +256,9 @@ impl Session {
                 sender
                     .send_request(req)
                     .await
-                    .map_err(|source| ForwardError::Http {
-                        cluster: self.cluster.clone(),
-                        source,
-                    })
+                    .map_err(|e| self.http_error(e))
             }
-            Err(source) => Err(ForwardError::Http {
-                cluster: self.cluster.clone(),
-                source,
-            }),
+            Err(e) => Err(self.http_error(e)),
         }
     }
 
@@ -284,20 +285,14 @@ impl Session {
             .max_concurrent_reset_streams(1024)
             .handshake(io)
             .await
-            .map_err(|source| ForwardError::Http {
-                cluster: self.cluster.clone(),
-                source,
-            })?;
+            .map_err(|e| self.http_error(e))?;
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%cluster, error = %e, "tunnel h2 connection ended");
             }
         });
-        sender.ready().await.map_err(|source| ForwardError::Http {
-            cluster: self.cluster.clone(),
-            source,
-        })?;
+        sender.ready().await.map_err(|e| self.http_error(e))?;
         senders.insert(upstream.to_string(), sender.clone());
         Ok(sender)
     }
@@ -311,10 +306,7 @@ impl Session {
         let (mut sender, conn) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|source| ForwardError::Http {
-                cluster: self.cluster.clone(),
-                source,
-            })?;
+            .map_err(|e| self.http_error(e))?;
         let cluster = self.cluster.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -329,10 +321,7 @@ impl Session {
         sender
             .send_request(req)
             .await
-            .map_err(|source| ForwardError::Http {
-                cluster: self.cluster.clone(),
-                source,
-            })
+            .map_err(|e| self.http_error(e))
     }
 }
 
