@@ -496,7 +496,7 @@ impl Drain {
     }
 
     /// A watch's response ends cleanly once draining starts.
-    fn track(
+    fn end_watch_on_drain(
         &self,
         long_running: bool,
         resp: Response<upstream::Body>,
@@ -678,7 +678,7 @@ async fn serve_channel(
         async move {
             let long_running = upstream::is_long_running(&req);
             let resp = upstream.serve(req, drain.started.clone()).await;
-            Ok::<_, std::convert::Infallible>(drain.track(long_running, resp))
+            Ok::<_, std::convert::Infallible>(drain.end_watch_on_drain(long_running, resp))
         }
     });
     let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())

@@ -146,10 +146,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
                 let shared = shared.clone();
                 let client = client.clone();
                 async move {
-                    let resp = match refuse_other_cluster(&shared, client.as_deref(), &req) {
-                        Some(refused) => refused,
-                        None => handle(shared.clone(), req).await,
-                    };
+                    let resp = handle(shared.clone(), client.as_deref(), req).await;
                     shared.metrics.response(resp.status().as_u16());
                     Ok::<_, std::convert::Infallible>(resp)
                 }
@@ -181,24 +178,20 @@ fn client_name(tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>) -> 
 fn refuse_other_cluster(
     shared: &Shared,
     client: Option<&str>,
-    req: &Request<Incoming>,
+    cluster: &str,
 ) -> Option<Response<Body>> {
     if !shared.config.gateway_client_bound_to_cluster {
         return None;
     }
-    let Ok(route) = route(req.uri().path(), req.uri().query()) else {
-        return None; // answered by `handle` without touching any cluster
-    };
     let allowed = client.and_then(|cn| cn.strip_prefix(CLIENT_CN_PREFIX));
-    if allowed == Some(route.cluster.as_str()) {
+    if allowed == Some(cluster) {
         return None;
     }
     Some(status(
         StatusCode::FORBIDDEN,
         format!(
-            "this client certificate ({}) does not grant access to cluster {:?}",
+            "this client certificate ({}) does not grant access to cluster {cluster:?}",
             client.map_or_else(|| "no common name".to_string(), |cn| format!("CN={cn}")),
-            route.cluster
         ),
     ))
 }
@@ -206,7 +199,12 @@ fn refuse_other_cluster(
 /// Common-name prefix of the client certificates in synthesized kubeconfigs.
 pub const CLIENT_CN_PREFIX: &str = "tower:";
 
-async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+/// Answers one gateway request from `client` (its certificate's CN).
+async fn handle(
+    shared: Arc<Shared>,
+    client: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let route = match route(req.uri().path(), req.uri().query()) {
         Ok(r) => r,
         Err(RouteError::NotACluster) => {
@@ -217,6 +215,9 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
         }
         Err(e) => return status(StatusCode::BAD_REQUEST, e.to_string()),
     };
+    if let Some(refused) = refuse_other_cluster(&shared, client, &route.cluster) {
+        return refused;
+    }
     let Some(session) = shared.registry.get(&route.cluster) else {
         return if shared.store.knows(&route.cluster) {
             status(

@@ -59,7 +59,7 @@ pub fn render_with_validity(
 /// The identity a synthesized kubeconfig presents to the gateway.
 pub fn default_identity(cluster: &str) -> ClientIdentity {
     ClientIdentity {
-        common_name: format!("tower:{cluster}"),
+        common_name: format!("{}{cluster}", crate::gateway::CLIENT_CN_PREFIX),
         organizations: vec!["tower:clients".into()],
     }
 }
