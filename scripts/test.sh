@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Tower's whole test suite on a fresh machine: installs what the suite
 # needs (OpenSSH client), builds the test-bed binaries (etcd, kube-apiserver,
-# kubectl) from the Go module proxy into a cache, then runs every test.
+# kubectl, helm) from the Go module proxy into a cache, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +16,7 @@ if ! command -v ssh >/dev/null 2>&1; then
   fi
 fi
 
-step "test-bed binaries (cold: ~5 min on 2 cores; warm: a no-op)"
+step "test-bed binaries (cold: ~10 min on 2 cores; warm: a no-op)"
 tests/testbed/build.sh >/dev/null
 
 step "building the workspace"
