@@ -16,7 +16,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use sha2::Digest;
 use time::OffsetDateTime;
 
 pub use russh::keys::{HashAlg, PrivateKey, PublicKey};
@@ -267,15 +266,13 @@ impl HostKey {
     }
 }
 
-/// The OpenSSH-style SHA-256 fingerprint of a public key (`SHA256:<base64, unpadded>`).
+/// The fingerprint a join token pins `key` by
+/// ([`tower_proto::token::host_key_fingerprint`]).
 pub fn fingerprint(key: &PublicKey) -> String {
-    key.fingerprint(HashAlg::Sha256).to_string()
-}
-
-/// SHA-256 of `data` as lowercase hex; used for credential digests.
-pub fn sha256_hex(data: &[u8]) -> String {
-    let digest = sha2::Sha256::digest(data);
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let blob = key
+        .to_bytes()
+        .expect("an in-memory public key always encodes");
+    tower_proto::token::host_key_fingerprint(&blob)
 }
 
 /// Base64 (standard, padded) of `data`, as kubeconfig `*-data` fields expect.
@@ -364,6 +361,11 @@ mod tests {
         let b = HostKey::load_or_create(&path).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
         assert!(a.fingerprint().starts_with("SHA256:"));
+        // The same text OpenSSH (and ssh-key) print.
+        assert_eq!(
+            a.fingerprint(),
+            a.public_key().fingerprint(HashAlg::Sha256).to_string()
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -1,8 +1,10 @@
 //! Operations endpoints for the Tower server and agent: `/healthz` (the process
 //! runs), `/readyz` (it can do its job, as the caller decides) and `/metrics`
-//! (Prometheus text format), on a plain-HTTP listener of their own.
+//! (Prometheus text format), on a plain-HTTP listener of their own; and
+//! [`accept`], the accept step every listener of the server and agent shares.
 #![forbid(unsafe_code)]
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::registry::Registry;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 pub use prometheus_client;
@@ -24,33 +26,50 @@ pub struct Ops {
     pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
-/// Serves the endpoints on `listener` until `shutdown`.
-pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationToken) {
+/// The next connection on `listener` (named `what` in logs), or `None` once
+/// `shutdown` fires. A failed accept (out of file descriptors, say) is logged
+/// and retried after a pause instead of ending the listener.
+pub async fn accept(
+    listener: &TcpListener,
+    what: &str,
+    shutdown: &CancellationToken,
+) -> Option<(TcpStream, SocketAddr)> {
     loop {
-        let (socket, _) = tokio::select! {
-            _ = shutdown.cancelled() => return,
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
             r = listener.accept() => match r {
-                Ok(a) => a,
+                Ok(accepted) => return Some(accepted),
                 Err(e) => {
-                    tracing::warn!(error = %e, "ops accept failed");
+                    tracing::warn!(listener = what, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
                 }
             },
-        };
-        let ops = ops.clone();
-        tokio::spawn(async move {
+        }
+    }
+}
+
+/// Serves the endpoints on `listener` until `shutdown`.
+pub async fn serve(listener: TcpListener, ops: Arc<Ops>, shutdown: CancellationToken) {
+    let connections = tokio_util::task::TaskTracker::new();
+    while let Some((socket, _)) = accept(&listener, "ops", &shutdown).await {
+        let (ops, shutdown) = (ops.clone(), shutdown.clone());
+        connections.spawn(async move {
             let svc = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let ops = ops.clone();
                 async move { Ok::<_, std::convert::Infallible>(answer(&ops, req.uri().path())) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            let conn = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_secs(10))
-                .serve_connection(TokioIo::new(socket), svc)
-                .await;
+                .serve_connection(TokioIo::new(socket), svc);
+            tokio::select! {
+                _ = conn => {}
+                _ = shutdown.cancelled() => {}
+            }
         });
     }
+    connections.close();
+    connections.wait().await;
 }
 
 fn answer(ops: &Ops, path: &str) -> Response<Full<Bytes>> {

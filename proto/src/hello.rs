@@ -6,7 +6,10 @@
 //! [`Refusal`] line and closes. Unknown fields are ignored in both directions; a
 //! different major protocol version is refused with a message saying so.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Major version of the control protocol. Peers with another major refuse each other.
 pub const PROTOCOL_MAJOR: u32 = 1;
@@ -71,18 +74,43 @@ impl ProtocolVersion {
         minor: PROTOCOL_MINOR,
     };
 
-    /// Whether a peer speaking `other` can talk to us; `Err` carries a message for logs.
-    pub fn check_peer(self, other: ProtocolVersion) -> Result<(), String> {
+    /// Whether a peer speaking `other` can talk to us.
+    pub fn check_peer(self, other: ProtocolVersion) -> Result<(), LineError> {
         if self.major == other.major {
             Ok(())
         } else {
-            Err(format!(
-                "protocol major version mismatch: this side speaks {}.{}, the peer {}.{}; \
-                 upgrade the older of agent and server",
-                self.major, self.minor, other.major, other.minor
-            ))
+            Err(LineError::Version { ours: self, peer: other })
         }
     }
+}
+
+impl std::fmt::Display for ProtocolVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.major, self.minor)
+    }
+}
+
+/// Why a control line could not be read or accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("control line too long")]
+    TooLong,
+    #[error("bad control message: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error(
+        "protocol major version mismatch: this side speaks {ours}, the peer {peer}; \
+         upgrade the older of agent and server"
+    )]
+    Version {
+        ours: ProtocolVersion,
+        peer: ProtocolVersion,
+    },
+    #[error("the peer closed the control channel")]
+    Closed,
+    #[error("no control line within {0:?}")]
+    Timeout(Duration),
+    #[error("reading the control channel: {0}")]
+    Io(#[from] std::io::Error),
 }
 
 /// Encodes a message as one JSON line.
@@ -93,11 +121,40 @@ pub fn encode_line<T: Serialize>(msg: &T) -> Vec<u8> {
 }
 
 /// Decodes one JSON line, tolerating unknown fields.
-pub fn decode_line<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, String> {
+pub fn decode_line<T: for<'de> Deserialize<'de>>(line: &[u8]) -> Result<T, LineError> {
     if line.len() > MAX_LINE {
-        return Err("control line too long".into());
+        return Err(LineError::TooLong);
     }
-    serde_json::from_slice(line).map_err(|e| format!("bad control message: {e}"))
+    Ok(serde_json::from_slice(line)?)
+}
+
+/// Reads one control line (at most [`MAX_LINE`] bytes) within `timeout` and
+/// decodes it.
+pub async fn read_message<T, R>(reader: &mut R, timeout: Duration) -> Result<T, LineError>
+where
+    T: for<'de> Deserialize<'de>,
+    R: AsyncBufRead + Unpin,
+{
+    let mut line = Vec::new();
+    let read = reader
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', &mut line);
+    match tokio::time::timeout(timeout, read).await {
+        Err(_) => Err(LineError::Timeout(timeout)),
+        Ok(Err(e)) => Err(e.into()),
+        Ok(Ok(0)) => Err(LineError::Closed),
+        Ok(Ok(_)) => decode_line(line.strip_suffix(b"\n").unwrap_or(&line)),
+    }
+}
+
+/// Writes `msg` as one control line and flushes it.
+pub async fn write_message<T, W>(writer: &mut W, msg: &T) -> std::io::Result<()>
+where
+    T: Serialize,
+    W: AsyncWrite + Unpin,
+{
+    writer.write_all(&encode_line(msg)).await?;
+    writer.flush().await
 }
 
 /// The server's reply to a hello: either a welcome or a refusal.
@@ -125,7 +182,10 @@ mod tests {
         let err = ProtocolVersion::CURRENT
             .check_peer(ProtocolVersion { major: 2, minor: 0 })
             .unwrap_err();
-        assert!(err.contains("major version mismatch"), "{err}");
+        assert!(
+            err.to_string().contains("major version mismatch"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -141,5 +201,20 @@ mod tests {
             refused: "no".into(),
         });
         assert_eq!(decode_line::<Reply>(&encode_line(&r)).unwrap(), r);
+    }
+
+    #[tokio::test]
+    async fn messages_cross_a_stream() {
+        let (mut a, b) = tokio::io::duplex(1024);
+        let mut b = tokio::io::BufReader::new(b);
+        let hello = Hello::default();
+        write_message(&mut a, &hello).await.unwrap();
+        let got: Hello = read_message(&mut b, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(got, hello);
+        drop(a);
+        assert!(matches!(
+            read_message::<Hello, _>(&mut b, Duration::from_secs(1)).await,
+            Err(LineError::Closed)
+        ));
     }
 }

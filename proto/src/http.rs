@@ -1,7 +1,28 @@
 //! HTTP rules both ends of the tunnel apply: which headers never cross a hop,
-//! which never reach a member cluster, and the Kubernetes `Status` error body.
+//! which never reach a member cluster, the body type of every response either
+//! end makes, and the Kubernetes `Status` error response.
 
-use http::{HeaderMap, StatusCode, header};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+
+use crate::tunnel::METHOD_HEADER;
+
+/// The body of every response the gateway and the agent make: a stream
+/// relayed from the other side, or bytes made here.
+pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// A body of `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
 
 /// Headers that belong to one connection and are never forwarded, besides
 /// those a `Connection` header lists.
@@ -58,6 +79,24 @@ pub fn strip_impersonation(headers: &mut HeaderMap) {
     }
 }
 
+/// The headers of a request that cross the tunnel towards a member: no
+/// hop-by-hop headers, no impersonation, no caller credential (the agent
+/// adds its own) and no tunnel-internal header a caller could forge.
+pub fn request_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = strip_hop_by_hop(headers);
+    out.remove(header::AUTHORIZATION);
+    out.remove(HeaderName::from_static(METHOD_HEADER));
+    strip_impersonation(&mut out);
+    out
+}
+
+/// The headers of a response relayed through the tunnel or the gateway.
+pub fn response_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = strip_hop_by_hop(headers);
+    strip_impersonation(&mut out);
+    out
+}
+
 /// Kubernetes' `reason` for an error status code.
 pub fn status_reason(code: StatusCode) -> &'static str {
     match code {
@@ -88,6 +127,17 @@ pub fn status_json(code: StatusCode, message: &str) -> String {
     .to_string()
 }
 
+/// A `Status` response with Kubernetes' reason for `code`.
+pub fn status(code: StatusCode, message: impl Into<String>) -> Response<Body> {
+    let mut resp = Response::new(full(status_json(code, &message.into())));
+    *resp.status_mut() = code;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +152,22 @@ mod tests {
         let out = strip_hop_by_hop(&h);
         assert_eq!(out.len(), 1);
         assert!(out.contains_key("accept"));
+    }
+
+    #[test]
+    fn request_headers_carry_no_credential_or_identity() {
+        let mut h = HeaderMap::new();
+        h.insert(header::AUTHORIZATION, "Bearer x".parse().unwrap());
+        h.insert("impersonate-user", "root".parse().unwrap());
+        h.insert("impersonate-group", "system:masters".parse().unwrap());
+        h.insert(METHOD_HEADER, "POST".parse().unwrap());
+        h.insert(header::CONNECTION, "keep-alive, x-drop".parse().unwrap());
+        h.insert("x-drop", "1".parse().unwrap());
+        h.insert(header::ACCEPT, "application/json".parse().unwrap());
+        h.insert(header::HOST, "gw".parse().unwrap());
+        let out = request_headers(&h);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out.contains_key(header::ACCEPT));
     }
 
     #[test]

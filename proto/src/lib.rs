@@ -1,17 +1,28 @@
-//! The wire contract between the Tower agent and server.
+//! The wire contract between the Tower agent and server, and the gateway's
+//! URL forms.
 //!
-//! Pure types and encode/decode, no sockets:
+//! Types, encode/decode and the rules both ends apply; no sockets:
 //! - [`token`]: the join token (`tower1.…`) that carries the server address, the
 //!   pinned host-key fingerprint, the cluster name and the agent's secret.
-//! - [`hello`]: the versioned hello/welcome exchange on the control channel.
+//! - [`hello`]: the versioned hello/welcome exchange on the control channel,
+//!   one JSON line each way.
 //! - [`names`]: SSH user, subsystem, upstream and capability names.
-//! - [`http`]: header rules both ends apply, and the `Status` error body.
+//! - [`tunnel`]: HTTP inside the tunnel: the HTTP/2 settings of both ends and
+//!   how upgrades cross as extended CONNECT.
+//! - [`http`]: header rules both ends apply, the body type of every response,
+//!   and the Kubernetes `Status` error response.
+//! - [`route`]: the gateway's paths (`/clusters/{cluster}/…` and KubeSphere's
+//!   forms) and the cluster URL a kubeconfig names.
 #![forbid(unsafe_code)]
 
 pub mod hello;
 pub mod http;
 pub mod names;
+#[cfg(feature = "properties")]
+pub mod properties;
+pub mod route;
 pub mod token;
+pub mod tunnel;
 
 pub use hello::{Hello, Welcome};
 pub use token::{JoinToken, Secret, TokenError};

@@ -69,6 +69,18 @@ pub fn digest_hex(data: &[u8]) -> String {
         .collect()
 }
 
+/// The fingerprint a join token pins a server's host key by, as OpenSSH
+/// prints it: `SHA256:` and the unpadded base64 of the SHA-256 of the key's
+/// SSH wire encoding (`public_key_blob`).
+pub fn host_key_fingerprint(public_key_blob: &[u8]) -> String {
+    use base64::Engine;
+    let digest = sha2::Sha256::digest(public_key_blob);
+    format!(
+        "SHA256:{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD.encode(digest)
+    )
+}
+
 fn getrandom(buf: &mut [u8]) {
     use std::io::Read;
     // /dev/urandom is the OS CSPRNG on Linux; failing to read it is unrecoverable.

@@ -1417,7 +1417,7 @@ async fn agents_on_a_server_process(
     targets.dedup();
     let most = targets.last().copied().unwrap_or(0);
     let started = Instant::now();
-    let store = tower_server::store::FileStore::open(&state)?;
+    let store = tower_server::tokens::FileStore::open(&state)?;
     let tokens = (0..most)
         .map(|i| {
             store

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tower_agent::{Agent, AgentConfig, AgentStatus, TokenSource, UpstreamConfig};
 use tower_proto::JoinToken;
 use tower_proto::names::UPSTREAM_KUBE_APISERVER;
-use tower_server::store::FileStore;
+use tower_server::tokens::FileStore;
 use tower_server::{Server, ServerConfig};
 
 use crate::testbed::{ControlPlane, install_crypto_provider, kubectl_bin};
@@ -589,7 +589,7 @@ impl KubeTowerServer {
         host: &ControlPlane,
         dir: &Path,
         replica: &str,
-        tune: impl FnOnce(&mut tower_server::controller::ControllerConfig),
+        tune: impl FnOnce(&mut tower_server::ControllerConfig),
     ) -> anyhow::Result<Self> {
         install_crypto_provider();
         let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tower-server/crds");
@@ -620,7 +620,7 @@ impl KubeTowerServer {
         config.keepalive_interval = TEST_KEEPALIVE;
         config.keepalive_max = TEST_KEEPALIVE_MAX;
         config.store_poll = Duration::from_millis(250);
-        let mut ctrl = tower_server::controller::ControllerConfig::new(&namespace, replica);
+        let mut ctrl = tower_server::ControllerConfig::new(&namespace, replica);
         ctrl.ssh_addresses = vec![ssh_addr.to_string()];
         ctrl.lease_renew = Duration::from_secs(1);
         ctrl.lease_duration = Duration::from_secs(4);

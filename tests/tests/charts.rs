@@ -31,12 +31,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_agent::TokenSource;
 use tower_proto::token::{Claims, JoinToken, Secret};
-use tower_server::controller::ControllerConfig;
+use tower_server::ControllerConfig;
 use tower_server::crd::{
     Agent, AgentSpec, AgentStatus, Cluster, ClusterSpec, ClusterStatus, Condition, Connection,
     TokenRef,
 };
-use tower_server::kube_store::AGENT_TOKEN_ID;
+use tower_server::kube::AGENT_TOKEN_ID;
 use tower_tests::fixture::{self, TowerAgent, agent_credential, eventually};
 use tower_tests::testbed::{ControlPlane, Testbed, helm_bin, install_crypto_provider};
 

@@ -20,27 +20,23 @@ use std::time::{Duration, Instant};
 use backon::BackoffBuilder;
 use hyper::Response;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use russh::client::{self, ChannelOpenHandle, DisconnectReason, Msg};
 use russh::keys::PublicKeyOrCertificate;
 use russh::{Channel, ChannelOpenFailure};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, BufReader};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tower_proto::hello::{self, ProtocolVersion, Reply};
+use tower_proto::hello::{self, LineError, ProtocolVersion, Reply};
+use tower_proto::http::Body;
 use tower_proto::names::{CAP_H2, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS};
-use tower_proto::{Hello, JoinToken};
+use tower_proto::token::host_key_fingerprint;
+use tower_proto::{Hello, JoinToken, TokenError, tunnel};
 
 pub use upstream::{Upstream, UpstreamConfig};
 
-/// HTTP/2 windows inside the tunnel (must match the server's intent: bounded per
-/// stream, generous per connection).
-const H2_STREAM_WINDOW: u32 = 1024 * 1024;
-const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
-/// Header list the agent accepts inside the tunnel: above the gateway's own
-/// limit (256 KiB), so that oversized requests are refused at the gateway with
-/// a clear status and never half-way through the tunnel.
-const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
+/// How long the server has to answer the agent's hello.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the join token comes from. A file is re-read on every reconnect.
 #[derive(Clone)]
@@ -61,12 +57,15 @@ impl std::fmt::Debug for TokenSource {
 impl TokenSource {
     fn load(&self) -> Result<JoinToken, AgentError> {
         let text = match self {
-            TokenSource::File(p) => std::fs::read_to_string(p).map_err(|e| {
-                AgentError::Config(format!("reading join token {}: {e}", p.display()))
-            })?,
+            TokenSource::File(p) => {
+                std::fs::read_to_string(p).map_err(|source| AgentError::TokenFile {
+                    path: p.clone(),
+                    source,
+                })?
+            }
             TokenSource::Literal(s) => s.clone(),
         };
-        JoinToken::parse(&text).map_err(|e| AgentError::Config(e.to_string()))
+        Ok(JoinToken::parse(&text)?)
     }
 }
 
@@ -104,12 +103,19 @@ impl AgentConfig {
 }
 
 /// Why a connection attempt or session ended.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error("configuration: reading join token {}: {source}", path.display())]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("configuration: {0}")]
-    Config(String),
+    Token(#[from] TokenError),
+    #[error("configuration: the join token names no server")]
+    NoServer,
     #[error("cannot reach server {addr}: {reason}")]
-    Dial { addr: String, reason: String },
+    Dial { addr: String, reason: DialError },
     #[error(
         "host key mismatch: server {addr} presented {presented}, but the join token pins {pinned}; \
          refusing to connect (the server may be impersonated, or its key was replaced: get a new join token)"
@@ -123,12 +129,29 @@ pub enum AgentError {
         "the server refused the join token for cluster {cluster:?}: it is wrong, expired or revoked; mint a new one with towerctl"
     )]
     AuthRefused { cluster: String },
+    /// The server's own words.
     #[error("the server refused this agent: {0}")]
     Refused(String),
+    /// The server's welcome was missing, malformed or of another major version.
+    #[error("the server refused this agent: {0}")]
+    Welcome(#[from] LineError),
     #[error("SSH: {0}")]
-    Ssh(String),
+    Ssh(#[from] russh::Error),
+    #[error("SSH: {0}")]
+    Io(#[from] std::io::Error),
     #[error("session ended: {0}")]
     Ended(String),
+}
+
+/// Why the server could not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum DialError {
+    #[error("timed out after 10s")]
+    Timeout,
+    #[error("SSH handshake timed out")]
+    HandshakeTimeout,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
 }
 
 /// What the agent is doing now; observable through [`Agent::status`].
@@ -237,7 +260,7 @@ impl Agent {
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), AgentError> {
         let token = self.config.token.load()?;
         let cluster = token.claims.cluster.clone();
-        let mut last_err = AgentError::Config("the join token names no server".into());
+        let mut last_err = AgentError::NoServer;
         for addr in &token.claims.servers {
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
@@ -268,7 +291,7 @@ impl Agent {
         ),
         AgentError,
     > {
-        let dial_err = |reason: String| AgentError::Dial {
+        let dial_err = |reason: DialError| AgentError::Dial {
             addr: addr.to_string(),
             reason,
         };
@@ -277,8 +300,8 @@ impl Agent {
             tokio::net::TcpStream::connect(addr),
         )
         .await
-        .map_err(|_| dial_err("timed out after 10s".into()))?
-        .map_err(|e| dial_err(e.to_string()))?;
+        .map_err(|_| dial_err(DialError::Timeout))?
+        .map_err(|e| dial_err(e.into()))?;
         let _ = tcp.set_nodelay(true);
         let config = Arc::new(client::Config {
             keepalive_interval: Some(self.config.keepalive_interval),
@@ -327,14 +350,13 @@ impl Agent {
                         pinned: token.claims.host_key.clone(),
                     });
                 }
-                return Err(AgentError::Ssh(e.to_string()));
+                return Err(e.into());
             }
-            Err(_) => return Err(dial_err("SSH handshake timed out".into())),
+            Err(_) => return Err(dial_err(DialError::HandshakeTimeout)),
         };
         let auth = handle
             .authenticate_password(token.claims.cluster.clone(), token.credential().expose())
-            .await
-            .map_err(|e| AgentError::Ssh(e.to_string()))?;
+            .await?;
         if !auth.success() {
             return Err(AgentError::AuthRefused {
                 cluster: token.claims.cluster.clone(),
@@ -352,12 +374,8 @@ impl Agent {
         cluster: &str,
         shutdown: &CancellationToken,
     ) -> Result<(), AgentError> {
-        let ssh = |e: russh::Error| AgentError::Ssh(e.to_string());
-        let channel = handle.channel_open_session().await.map_err(ssh)?;
-        channel
-            .request_subsystem(true, CONTROL_SUBSYSTEM)
-            .await
-            .map_err(ssh)?;
+        let channel = handle.channel_open_session().await?;
+        channel.request_subsystem(true, CONTROL_SUBSYSTEM).await?;
         let mut names: Vec<String> = self.upstreams.keys().cloned().collect();
         names.sort();
         let hello = Hello {
@@ -368,37 +386,21 @@ impl Agent {
             facts: Default::default(),
         };
         let mut control = BufReader::new(channel.into_stream());
-        control
-            .get_mut()
-            .write_all(&hello::encode_line(&hello))
-            .await
-            .map_err(|e| AgentError::Ssh(e.to_string()))?;
-        let mut line = Vec::new();
-        let read = tokio::time::timeout(
-            Duration::from_secs(10),
-            (&mut control)
-                .take(hello::MAX_LINE as u64 + 1)
-                .read_until(b'\n', &mut line),
-        )
-        .await;
+        hello::write_message(control.get_mut(), &hello).await?;
         let ended_reason = || ended.lock().expect("poisoned").clone();
-        match read {
-            Ok(Ok(n)) if n > 0 => {}
-            _ => {
+        match hello::read_message::<Reply, _>(&mut control, WELCOME_TIMEOUT).await {
+            Ok(Reply::Welcome(w)) => {
+                ProtocolVersion::CURRENT.check_peer(w.protocol)?;
+                tracing::debug!(server_version = %w.server_version, "welcomed");
+            }
+            Ok(Reply::Refusal(r)) => return Err(AgentError::Refused(r.refused)),
+            // The connection ended (the server's goodbye says why) or said nothing.
+            Err(LineError::Closed | LineError::Timeout(_) | LineError::Io(_)) => {
                 return Err(AgentError::Refused(
                     ended_reason().unwrap_or_else(|| "no answer to hello".into()),
                 ));
             }
-        }
-        match hello::decode_line::<Reply>(line.strip_suffix(b"\n").unwrap_or(&line)) {
-            Ok(Reply::Welcome(w)) => {
-                ProtocolVersion::CURRENT
-                    .check_peer(w.protocol)
-                    .map_err(AgentError::Refused)?;
-                tracing::debug!(server_version = %w.server_version, "welcomed");
-            }
-            Ok(Reply::Refusal(r)) => return Err(AgentError::Refused(r.refused)),
-            Err(e) => return Err(AgentError::Refused(e)),
+            Err(e) => return Err(e.into()),
         }
         for name in &names {
             handle
@@ -499,8 +501,8 @@ impl Drain {
     fn end_watch_on_drain(
         &self,
         long_running: bool,
-        resp: Response<upstream::Body>,
-    ) -> Response<upstream::Body> {
+        resp: Response<Body>,
+    ) -> Response<Body> {
         if !long_running {
             return resp;
         }
@@ -519,7 +521,7 @@ impl Drain {
 /// A watch body that ends at the first event boundary (a newline-terminated
 /// frame) after draining starts.
 struct EndsOnDrain {
-    inner: upstream::Body,
+    inner: Body,
     ends: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
     at_boundary: bool,
     draining: bool,
@@ -570,7 +572,10 @@ impl client::Handler for AgentHandler {
             *self.mismatch.lock().expect("poisoned") = Some("an SSH certificate".into());
             return Ok(false);
         };
-        let presented = tower_certs_fingerprint(key);
+        let presented = key
+            .to_bytes()
+            .map(|blob| host_key_fingerprint(&blob))
+            .unwrap_or_else(|e| format!("an unreadable key ({e})"));
         if presented == self.pinned {
             Ok(true)
         } else {
@@ -652,10 +657,6 @@ async fn drain<R: tokio::io::AsyncRead + Unpin>(r: &mut R) {
     }
 }
 
-fn tower_certs_fingerprint(key: &russh::keys::PublicKey) -> String {
-    key.fingerprint(russh::keys::HashAlg::Sha256).to_string()
-}
-
 /// Serves HTTP/2 (with extended CONNECT) on one forwarded channel.
 async fn serve_channel(
     channel: Channel<Msg>,
@@ -681,15 +682,7 @@ async fn serve_channel(
             Ok::<_, std::convert::Infallible>(drain.end_watch_on_drain(long_running, resp))
         }
     });
-    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .enable_connect_protocol()
-        .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONN_WINDOW)
-        .max_frame_size(64 * 1024)
-        .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_concurrent_streams(10_000)
-        .serve_connection(io, service);
+    let conn = tunnel::h2_server().serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

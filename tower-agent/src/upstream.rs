@@ -9,21 +9,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
-use http::{
-    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, header,
-};
-use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-
-/// Body type of responses sent back through the tunnel.
-pub type Body = UnsyncBoxBody<Bytes, hyper::Error>;
-
-/// Header carrying an upgrade's original method inside extended CONNECT.
-pub const METHOD_HEADER: &str = "x-tower-method";
+use tower_proto::http::{Body, empty, request_headers, response_headers, status};
+use tower_proto::tunnel::decode_upgrade;
 
 /// How to reach and authenticate to one upstream.
 #[derive(Clone, Debug)]
@@ -135,10 +128,8 @@ impl Upstream {
         req: Request<Incoming>,
         ends: tokio_util::sync::CancellationToken,
     ) -> Response<Body> {
-        let is_extended_connect = req.method() == Method::CONNECT
-            && req.extensions().get::<hyper::ext::Protocol>().is_some();
-        let result = if is_extended_connect {
-            self.upgrade(req, ends).await
+        let result = if let Some((method, protocol)) = decode_upgrade(&req) {
+            self.upgrade(req, method, protocol, ends).await
         } else {
             let long_running = is_long_running(&req);
             self.forward(req, long_running).await
@@ -159,9 +150,7 @@ impl Upstream {
     }
 
     fn headers(&self, incoming: &HeaderMap) -> Result<HeaderMap, Box<Response<Body>>> {
-        let mut headers = clean_headers(incoming);
-        headers.remove(header::AUTHORIZATION);
-        headers.remove(HeaderName::from_static(METHOD_HEADER));
+        let mut headers = request_headers(incoming);
         if let Some(token) = &self.token {
             let value = token.bearer().map_err(|e| {
                 tracing::error!(upstream = %self.name, error = %e, "cannot read credential");
@@ -206,26 +195,17 @@ impl Upstream {
         }
         .map_err(|e| self.unreachable(e))?;
         let (mut parts, body) = resp.into_parts();
-        parts.headers = clean_headers(&parts.headers);
+        parts.headers = response_headers(&parts.headers);
         Ok(Response::from_parts(parts, body.boxed_unsync()))
     }
 
     async fn upgrade(
         &self,
         mut req: Request<Incoming>,
+        method: Method,
+        protocol: String,
         ends: tokio_util::sync::CancellationToken,
     ) -> Result<Response<Body>, Response<Body>> {
-        let protocol = req
-            .extensions()
-            .get::<hyper::ext::Protocol>()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_default();
-        let method = req
-            .headers()
-            .get(METHOD_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
-            .unwrap_or(Method::GET);
         let tunnel_side = hyper::upgrade::on(&mut req);
         let mut out = Request::builder()
             .method(method)
@@ -247,7 +227,7 @@ impl Upstream {
             .map_err(|e| self.unreachable(e))?;
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
-            parts.headers = clean_headers(&parts.headers);
+            parts.headers = response_headers(&parts.headers);
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
@@ -273,7 +253,7 @@ impl Upstream {
                 }
             }
         });
-        let mut headers = clean_headers(resp.headers());
+        let mut headers = response_headers(resp.headers());
         headers.remove(header::CONTENT_LENGTH);
         let mut ok = Response::new(empty());
         *ok.headers_mut() = headers;
@@ -344,36 +324,4 @@ impl TokenFile {
         *cache = Some((Instant::now(), mtime, value.clone()));
         Ok(value)
     }
-}
-
-// === helpers ===
-
-/// Headers without hop-by-hop and impersonation headers, which never cross
-/// the tunnel in either direction.
-fn clean_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = tower_proto::http::strip_hop_by_hop(headers);
-    tower_proto::http::strip_impersonation(&mut out);
-    out
-}
-
-fn empty() -> Body {
-    Full::new(Bytes::new())
-        .map_err(|never| match never {})
-        .boxed_unsync()
-}
-
-/// A Kubernetes `Status` error response.
-pub fn status(code: StatusCode, message: impl Into<String>) -> Response<Body> {
-    let body = tower_proto::http::status_json(code, &message.into());
-    let mut resp = Response::new(
-        Full::new(Bytes::from(body))
-            .map_err(|never| match never {})
-            .boxed_unsync(),
-    );
-    *resp.status_mut() = code;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    resp
 }

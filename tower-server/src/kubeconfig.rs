@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use tower_certs::{Ca, ClientIdentity, base64};
+use tower_proto::route::cluster_url;
 
 /// Default lifetime of client certificates in synthesized kubeconfigs.
 pub const CLIENT_CERT_VALIDITY: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -27,7 +28,7 @@ pub fn render_with_validity(
     validity: Duration,
 ) -> anyhow::Result<String> {
     let client = ca.issue_client(user, validity)?;
-    let server = server_url(gateway_url, cluster);
+    let server = cluster_url(gateway_url, cluster);
     let user_name = format!("tower-{cluster}");
     let doc = serde_json::json!({
         "apiVersion": "v1",
@@ -64,11 +65,6 @@ pub fn default_identity(cluster: &str) -> ClientIdentity {
     }
 }
 
-/// The server URL for `cluster` through the gateway at `gateway_url`.
-pub fn server_url(gateway_url: &str, cluster: &str) -> String {
-    format!("{}/clusters/{cluster}", gateway_url.trim_end_matches('/'))
-}
-
 /// Whether `yaml` is a kubeconfig this gateway would still issue: same server
 /// URL and CA, and a client certificate from `ca` valid for at least
 /// `min_remaining`. Used to keep kubeconfigs stable instead of re-minting them.
@@ -88,7 +84,7 @@ pub fn still_good(
             .and_then(|s| ::base64::engine::general_purpose::STANDARD.decode(s).ok())
     };
     let cluster_entry = &doc["clusters"][0]["cluster"];
-    if cluster_entry["server"].as_str() != Some(server_url(gateway_url, cluster).as_str()) {
+    if cluster_entry["server"].as_str() != Some(cluster_url(gateway_url, cluster).as_str()) {
         return false;
     }
     if b64(&cluster_entry["certificate-authority-data"]).as_deref()

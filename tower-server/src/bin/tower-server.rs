@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use tower_server::controller::ControllerConfig;
+use tower_server::ControllerConfig;
 use tower_server::{Server, ServerConfig};
 
 /// Tower server: accepts agents over SSH and proxies clients to member clusters.

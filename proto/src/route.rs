@@ -1,5 +1,5 @@
-//! Gateway path routing: which cluster and upstream a request is for, and the
-//! path to send there.
+//! The gateway's URL forms: which cluster and upstream a request path is for,
+//! the path to send there, and the cluster URL a kubeconfig names.
 //!
 //! Accepted forms (the `/clusters/{cluster}` segment is removed):
 //! - `/clusters/{c}/…`        → kube-apiserver `/…`
@@ -10,7 +10,7 @@
 //! Traversal (`.`/`..` segments, percent-encoded dots, slashes or backslashes)
 //! and invalid cluster names are rejected before anything is forwarded.
 
-use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER, is_valid_cluster_name};
+use crate::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER, is_valid_cluster_name};
 
 /// Where a request goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,6 +29,12 @@ pub enum RouteError {
     BadClusterName,
     #[error("path traversal or encoded separators are not allowed")]
     Traversal,
+}
+
+/// The URL of `cluster` through the gateway at `gateway_url`: the server of
+/// its kubeconfig, which [`route`] takes apart again.
+pub fn cluster_url(gateway_url: &str, cluster: &str) -> String {
+    format!("{}/clusters/{cluster}", gateway_url.trim_end_matches('/'))
 }
 
 /// Routes a raw (still percent-encoded) request path and optional query.
@@ -122,6 +128,14 @@ mod tests {
                 "/kapis/resources.kubesphere.io/v1alpha3".into()
             )
         );
+    }
+
+    #[test]
+    fn a_cluster_url_routes_back_to_its_cluster() {
+        let url = cluster_url("https://tower.example:8443/", "gondor");
+        assert_eq!(url, "https://tower.example:8443/clusters/gondor");
+        let path = url.trim_start_matches("https://tower.example:8443");
+        assert_eq!(ok(&format!("{path}/version"), None).0, "gondor");
     }
 
     #[test]

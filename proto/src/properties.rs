@@ -1,11 +1,10 @@
 //! What must hold for any input to Tower's parsers of hostile input. Each
-//! function panics when a property fails; fuzzers and the corpus replay call
-//! them with arbitrary bytes.
-//!
-//! The including crate provides `crate::route` (the gateway's path router).
+//! function panics when a property fails; the fuzz targets (`fuzz/`) and the
+//! corpus replay (`proto/tests/fuzz_corpora.rs`) call them with arbitrary
+//! bytes, so a finding, once added to a corpus, stays fixed.
 
-use tower_proto::hello::{self, Hello, Reply};
-use tower_proto::token::{JoinToken, split_credential};
+use crate::hello::{self, Hello, Reply};
+use crate::token::{JoinToken, split_credential};
 
 /// `JoinToken::parse` never panics; what it accepts is well-formed and
 /// survives an encode/parse round trip unchanged.
@@ -18,7 +17,7 @@ pub fn join_token(data: &[u8]) {
         return;
     };
     assert!(!token.claims.servers.is_empty());
-    assert!(tower_proto::names::is_valid_cluster_name(
+    assert!(crate::names::is_valid_cluster_name(
         &token.claims.cluster
     ));
     assert!(!token.claims.id.contains(':'));
@@ -49,7 +48,7 @@ pub fn route(data: &[u8]) {
         return;
     };
     assert!(
-        tower_proto::names::is_valid_cluster_name(&r.cluster),
+        crate::names::is_valid_cluster_name(&r.cluster),
         "{r:?}"
     );
     assert!(r.path_and_query.starts_with('/'), "{r:?}");
@@ -78,7 +77,7 @@ pub fn hello(data: &[u8]) {
         let line = hello::encode_line(&h);
         let back: Hello = hello::decode_line(&line[..line.len() - 1]).expect("re-decodes");
         assert_eq!(back, h);
-        let _ = tower_proto::hello::ProtocolVersion::CURRENT.check_peer(h.protocol);
+        let _ = crate::hello::ProtocolVersion::CURRENT.check_peer(h.protocol);
     }
     if let Ok(r) = r {
         let line = hello::encode_line(&r);

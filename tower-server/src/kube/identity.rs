@@ -18,7 +18,7 @@ pub const HOST_KEY_SECRET: &str = "tower-ssh-host-key";
 
 /// Makes `state_dir` hold the CA and host key from the namespace's Secrets,
 /// creating the Secrets from fresh material when they do not exist yet.
-pub async fn sync_identity(
+pub(super) async fn sync(
     client: &kube::Client,
     namespace: &str,
     state_dir: &Path,

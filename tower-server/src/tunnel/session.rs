@@ -17,14 +17,16 @@ use std::time::{Duration, SystemTime};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper::{Request, Response};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::sync::watch;
+use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_proto::Hello;
+use tower_proto::http::{Body, empty};
 use tower_proto::names::CAP_H2;
+use tower_proto::tunnel;
 
-use crate::metrics::{DirectionLabel, Metrics};
-use crate::status::Body;
+use super::ChannelIo;
+use crate::metrics::Metrics;
 
 /// Why a request could not be carried to the agent.
 #[derive(Debug, thiserror::Error)]
@@ -41,12 +43,6 @@ pub enum ForwardError {
     },
 }
 
-/// HTTP/2 windows inside the tunnel. The stream window bounds what one stalled
-/// consumer can hold; the connection window is large so that stalled streams
-/// never starve the others.
-pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
-pub const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
-
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// One authenticated agent connection.
@@ -62,7 +58,9 @@ pub struct Session {
     /// Cancelled when the SSH connection ends.
     pub closed: CancellationToken,
     open_channels: Arc<AtomicUsize>,
-    metrics: std::sync::OnceLock<Arc<Metrics>>,
+    pub(super) metrics: std::sync::OnceLock<Arc<Metrics>>,
+    /// The server's tasks, which shutdown waits for.
+    tasks: TaskTracker,
 }
 
 #[derive(Default)]
@@ -89,6 +87,7 @@ impl Session {
         token_id: String,
         peer: Option<SocketAddr>,
         handle: russh::server::Handle,
+        tasks: TaskTracker,
     ) -> Self {
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -102,6 +101,7 @@ impl Session {
             closed: CancellationToken::new(),
             open_channels: Arc::default(),
             metrics: std::sync::OnceLock::new(),
+            tasks,
         }
     }
 
@@ -228,6 +228,24 @@ impl Session {
         }
     }
 
+    /// Sends an upgrade request (exec, attach, port-forward, WebSocket) to
+    /// `upstream`, encoded as the channel speaks it ([`tunnel::encode_upgrade`]).
+    /// `Ok(Err(resp))` is the upstream's refusal, to relay as it is.
+    pub async fn send_upgrade(
+        &self,
+        upstream: &str,
+        mut req: Request<Body>,
+        protocol: &str,
+    ) -> Result<Result<Response<Incoming>, Response<Incoming>>, ForwardError> {
+        tunnel::encode_upgrade(&mut req, protocol, self.speaks_h2());
+        let resp = self.send(upstream, req).await?;
+        if tunnel::upgrade_accepted(resp.status(), resp.version()) {
+            Ok(Ok(resp))
+        } else {
+            Ok(Err(resp))
+        }
+    }
+
     async fn send_h2(
         &self,
         upstream: &str,
@@ -277,17 +295,12 @@ impl Session {
             senders.remove(upstream);
         }
         let io = self.open_channel(upstream).await?;
-        let (mut sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(H2_STREAM_WINDOW)
-            .initial_connection_window_size(H2_CONN_WINDOW)
-            .max_frame_size(64 * 1024)
-            .max_concurrent_reset_streams(1024)
+        let (mut sender, conn) = tunnel::h2_client()
             .handshake(io)
             .await
             .map_err(|e| self.http_error(e))?;
         let cluster = self.cluster.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%cluster, error = %e, "tunnel h2 connection ended");
             }
@@ -308,7 +321,7 @@ impl Session {
             .await
             .map_err(|e| self.http_error(e))?;
         let cluster = self.cluster.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(%cluster, error = %e, "tunnel h1 exchange ended");
             }
@@ -339,7 +352,7 @@ fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     {
         return None;
     }
-    let mut copy = Request::new(crate::status::empty());
+    let mut copy = Request::new(empty());
     *copy.method_mut() = req.method().clone();
     *copy.uri_mut() = req.uri().clone();
     *copy.version_mut() = req.version();
@@ -347,185 +360,3 @@ fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     Some(copy)
 }
 
-// === impl ChannelIo ===
-
-/// An SSH channel as a byte stream, counted while open, its bytes metered.
-pub struct ChannelIo {
-    inner: russh::ChannelStream<russh::server::Msg>,
-    open: Arc<AtomicUsize>,
-    metrics: Arc<Metrics>,
-    to_agent: prometheus_client::metrics::counter::Counter,
-    from_agent: prometheus_client::metrics::counter::Counter,
-}
-
-impl ChannelIo {
-    fn new(
-        inner: russh::ChannelStream<russh::server::Msg>,
-        open: Arc<AtomicUsize>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        open.fetch_add(1, Ordering::Relaxed);
-        metrics.channels.inc();
-        let to_agent = metrics
-            .bytes
-            .get_or_create(&DirectionLabel {
-                direction: "to_agent",
-            })
-            .clone();
-        let from_agent = metrics
-            .bytes
-            .get_or_create(&DirectionLabel {
-                direction: "from_agent",
-            })
-            .clone();
-        Self {
-            inner,
-            open,
-            metrics,
-            to_agent,
-            from_agent,
-        }
-    }
-}
-
-impl Drop for ChannelIo {
-    fn drop(&mut self) {
-        self.open.fetch_sub(1, Ordering::Relaxed);
-        self.metrics.channels.dec();
-    }
-}
-
-impl tokio::io::AsyncRead for ChannelIo {
-    fn poll_read(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
-        self.from_agent.inc_by((buf.filled().len() - before) as u64);
-        poll
-    }
-}
-
-impl tokio::io::AsyncWrite for ChannelIo {
-    fn poll_write(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &[u8],
-    ) -> std::task::Poll<std::io::Result<usize>> {
-        let poll = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
-        if let std::task::Poll::Ready(Ok(n)) = &poll {
-            self.to_agent.inc_by(*n as u64);
-        }
-        poll
-    }
-
-    fn poll_flush(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
-
-// === impl Registry ===
-
-/// Live sessions by cluster name. At most one session per cluster: a new one
-/// replaces (and disconnects) the old.
-#[derive(Default)]
-pub struct Registry {
-    sessions: Mutex<HashMap<String, Arc<Session>>>,
-    changed: watch::Sender<u64>,
-    metrics: Arc<Metrics>,
-}
-
-impl Registry {
-    /// A registry that reports into `metrics`.
-    pub fn with_metrics(metrics: Arc<Metrics>) -> Self {
-        Self {
-            metrics,
-            ..Default::default()
-        }
-    }
-
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// Adds `session`, returning the one it replaced.
-    pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
-        let _ = session.metrics.set(self.metrics.clone());
-        let mut sessions = self.lock();
-        let old = sessions.insert(session.cluster.clone(), session.clone());
-        self.metrics.sessions.set(sessions.len() as i64);
-        drop(sessions);
-        self.changed.send_modify(|g| *g += 1);
-        old
-    }
-
-    /// Removes the session for `cluster` if it is still `id`.
-    pub fn remove(&self, cluster: &str, id: u64) {
-        let mut sessions = self.lock();
-        if sessions.get(cluster).is_some_and(|s| s.id == id) {
-            sessions.remove(cluster);
-            self.metrics.sessions.set(sessions.len() as i64);
-            drop(sessions);
-            self.changed.send_modify(|g| *g += 1);
-        }
-    }
-
-    pub fn get(&self, cluster: &str) -> Option<Arc<Session>> {
-        self.lock().get(cluster).cloned()
-    }
-
-    pub fn all(&self) -> Vec<Arc<Session>> {
-        self.lock().values().cloned().collect()
-    }
-
-    /// A receiver that changes whenever a session comes, goes or changes upstreams.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
-    }
-
-    /// Notifies a change to observers (upstream added or removed).
-    pub fn touch(&self) {
-        self.changed.send_modify(|g| *g += 1);
-    }
-
-    /// Whether `cluster` has a session serving kube-apiserver.
-    pub fn is_connected(&self, cluster: &str) -> bool {
-        self.get(cluster).is_some_and(|s| {
-            s.upstreams()
-                .iter()
-                .any(|u| u == tower_proto::names::UPSTREAM_KUBE_APISERVER)
-        })
-    }
-
-    /// Waits until `is_connected(cluster) == want`, or `timeout`.
-    pub async fn wait_connected(&self, cluster: &str, want: bool, timeout: Duration) -> bool {
-        let mut rx = self.changed.subscribe();
-        let wait = async {
-            loop {
-                if self.is_connected(cluster) == want {
-                    return;
-                }
-                if rx.changed().await.is_err() {
-                    return;
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait).await.is_ok() && self.is_connected(cluster) == want
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<Session>>> {
-        self.sessions.lock().expect("registry poisoned")
-    }
-}

@@ -11,7 +11,7 @@ use std::sync::RwLock;
 use subtle::ConstantTimeEq;
 use tower_proto::Secret;
 
-use crate::store::{TokenStore, Verdict};
+use crate::tokens::{TokenStore, Verdict};
 
 /// Token id reported for a Cluster's own `spec.connection.token`.
 pub const CLUSTER_TOKEN_ID: &str = "cluster";

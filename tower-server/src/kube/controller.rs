@@ -30,13 +30,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tower_proto::Secret;
 
-use crate::Server;
-use crate::crd::{
+use super::crd::{
     Agent, AgentStatus, CONDITION_AGENT_AVAILABLE, CONDITION_CONNECTED, Cluster, Condition,
     FIELD_MANAGER,
 };
-use crate::kube_store::{AGENT_TOKEN_ID, CLUSTER_TOKEN_ID, ClusterTokens, KubeTokenStore};
-use crate::lease::{self, Leadership, LeaseConfig};
+use super::lease::{self, Leadership, LeaseConfig};
+use super::tokens::{AGENT_TOKEN_ID, CLUSTER_TOKEN_ID, ClusterTokens, KubeTokenStore};
+use crate::Server;
 
 /// Field manager used only for a generated `spec.connection.token`, so that the
 /// connection apply never owns (and never removes) the token.
@@ -302,33 +302,25 @@ async fn reconcile_one(
     }
 
     // The synthesized kubeconfig and endpoints.
-    let gateway_url = ctx.server.shared.config.gateway_url.clone();
+    let gateway_url = ctx.server.gateway_url();
     let connection = cluster.spec.connection.clone().unwrap_or_default();
     let current = connection
         .kubeconfig
         .as_ref()
         .map(|b| b.0.clone())
         .unwrap_or_default();
-    let kubeconfig = if crate::kubeconfig::still_good(
-        &current,
-        &ctx.server.shared.ca,
-        &gateway_url,
-        &name,
-        ctx.config.renew_before,
-    ) {
+    let kubeconfig = if ctx
+        .server
+        .kubeconfig_still_good(&current, &name, ctx.config.renew_before)
+    {
         current.clone()
     } else {
         tracing::info!(cluster = %name, "writing a fresh kubeconfig");
-        crate::kubeconfig::render_with_validity(
-            &ctx.server.shared.ca,
-            &gateway_url,
-            &name,
-            &crate::kubeconfig::default_identity(&name),
-            ctx.config.client_cert_validity,
-        )?
-        .into_bytes()
+        ctx.server
+            .kubeconfig_with_validity(&name, ctx.config.client_cert_validity)?
+            .into_bytes()
     };
-    let k8s_endpoint = crate::kubeconfig::server_url(&gateway_url, &name);
+    let k8s_endpoint = tower_proto::route::cluster_url(gateway_url, &name);
     let ks_endpoint = gateway_url.trim_end_matches('/').to_string();
     if kubeconfig != current
         || connection.kubernetes_api_endpoint.as_deref() != Some(k8s_endpoint.as_str())
@@ -495,7 +487,7 @@ fn time(t: SystemTime) -> Time {
 
 /// Publishes how agents reach this server, for `towerctl join`.
 async fn publish_server_info(ctx: &Ctx) -> anyhow::Result<()> {
-    let shared = &ctx.server.shared;
+    let server = &ctx.server;
     let data: BTreeMap<String, String> = [
         (
             "sshAddresses".to_string(),
@@ -503,10 +495,10 @@ async fn publish_server_info(ctx: &Ctx) -> anyhow::Result<()> {
         ),
         (
             "hostKeyFingerprint".to_string(),
-            shared.host_key.fingerprint(),
+            server.host_key_fingerprint(),
         ),
-        ("gatewayURL".to_string(), shared.config.gateway_url.clone()),
-        ("ca.crt".to_string(), shared.ca.cert_pem().to_string()),
+        ("gatewayURL".to_string(), server.gateway_url().to_string()),
+        ("ca.crt".to_string(), server.ca_pem().to_string()),
     ]
     .into();
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ctx.config.namespace);

@@ -1,0 +1,160 @@
+//! How HTTP travels inside the tunnel: the HTTP/2 settings both ends use on a
+//! `forwarded-tcpip` channel, and how an HTTP/1.1 upgrade (exec, attach,
+//! port-forward, WebSocket) crosses it.
+//!
+//! The server is the HTTP/2 client on each channel and the agent its server.
+//! An upgrade travels as an RFC 8441 extended CONNECT stream whose `:protocol`
+//! is the upgrade's protocol and whose [`METHOD_HEADER`] keeps the original
+//! method; the agent turns it back into an HTTP/1.1 `Upgrade` to its upstream
+//! and answers `200` once the upstream switched protocols. With a plain SSH
+//! client as agent (no hello, no `h2`) each request is one HTTP/1.1 exchange on
+//! its own channel, upgrades included.
+
+use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Version, header};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::http::{Body, empty};
+
+/// HTTP/2 stream window inside the tunnel: what one stalled consumer can hold.
+pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 connection window inside the tunnel: large, so that stalled streams
+/// never starve the others.
+pub const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
+/// Largest HTTP/2 frame either end sends inside the tunnel.
+pub const H2_MAX_FRAME: u32 = 64 * 1024;
+/// Header list the agent accepts inside the tunnel: above the gateway's own
+/// limit (256 KiB), so that oversized requests are refused at the gateway with
+/// a clear status and never half-way through the tunnel.
+pub const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
+/// Streams the agent serves at once on one channel.
+pub const H2_MAX_STREAMS: u32 = 10_000;
+/// Reset streams the server side keeps track of on one channel.
+pub const H2_MAX_RESET_STREAMS: usize = 1024;
+
+/// Header carrying an upgrade request's original method inside extended CONNECT.
+pub const METHOD_HEADER: &str = "x-tower-method";
+
+/// The server side's HTTP/2 client settings for one channel.
+pub fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
+        .max_concurrent_reset_streams(H2_MAX_RESET_STREAMS);
+    b
+}
+
+/// The agent's HTTP/2 server settings for one channel.
+pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .enable_connect_protocol()
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONN_WINDOW)
+        .max_frame_size(H2_MAX_FRAME)
+        .max_header_list_size(H2_MAX_HEADER_LIST)
+        .max_concurrent_streams(H2_MAX_STREAMS);
+    b
+}
+
+/// The protocol named by an HTTP/1.1 upgrade request (`Connection: upgrade`
+/// plus `Upgrade: <protocol>`), if it is one.
+pub fn upgrade_protocol(headers: &http::HeaderMap) -> Option<String> {
+    let connection_upgrade = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    if !connection_upgrade {
+        return None;
+    }
+    headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Marks `req` (headers already cleaned) as an upgrade to `protocol`, in the
+/// form the channel speaks: extended CONNECT on HTTP/2, `Upgrade` on HTTP/1.1.
+pub fn encode_upgrade(req: &mut Request<Body>, protocol: &str, h2: bool) {
+    let value = HeaderValue::from_str(protocol).expect("came from a header value");
+    if h2 {
+        let method = std::mem::replace(req.method_mut(), Method::CONNECT);
+        req.extensions_mut().insert(hyper::ext::Protocol::from(
+            protocol.to_ascii_lowercase().as_str(),
+        ));
+        req.headers_mut().insert(
+            HeaderName::from_static(METHOD_HEADER),
+            HeaderValue::from_str(method.as_str()).expect("methods are valid header values"),
+        );
+        // A CONNECT stream carries no request body; a length would end it early.
+        req.headers_mut().remove(header::CONTENT_LENGTH);
+        *req.body_mut() = empty();
+    } else {
+        req.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+        req.headers_mut().insert(header::UPGRADE, value);
+    }
+}
+
+/// Whether a response to an upgrade sent with [`encode_upgrade`] means the
+/// stream switched protocols.
+pub fn upgrade_accepted(status: StatusCode, version: Version) -> bool {
+    if version == Version::HTTP_2 {
+        status == StatusCode::OK
+    } else {
+        status == StatusCode::SWITCHING_PROTOCOLS
+    }
+}
+
+/// The upgrade an extended CONNECT request carries: the original method and
+/// the protocol. `None` for any other request.
+pub fn decode_upgrade<B>(req: &Request<B>) -> Option<(Method, String)> {
+    if req.method() != Method::CONNECT {
+        return None;
+    }
+    let protocol = req.extensions().get::<hyper::ext::Protocol>()?;
+    let method = req
+        .headers()
+        .get(METHOD_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|m| Method::from_bytes(m.as_bytes()).ok())
+        .unwrap_or(Method::GET);
+    Some((method, protocol.as_str().to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upgrade_detection() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::UPGRADE, "websocket".parse().unwrap());
+        assert_eq!(upgrade_protocol(&h), None);
+        h.insert(header::CONNECTION, "keep-alive, Upgrade".parse().unwrap());
+        assert_eq!(upgrade_protocol(&h).as_deref(), Some("websocket"));
+    }
+
+    #[test]
+    fn an_upgrade_round_trips_through_extended_connect() {
+        let mut req = Request::post("/api/v1/namespaces/x/pods/p/exec")
+            .header(header::CONTENT_LENGTH, "0")
+            .body(empty())
+            .unwrap();
+        encode_upgrade(&mut req, "SPDY/3.1", true);
+        assert_eq!(req.method(), Method::CONNECT);
+        assert!(!req.headers().contains_key(header::CONTENT_LENGTH));
+        assert_eq!(
+            decode_upgrade(&req),
+            Some((Method::POST, "spdy/3.1".to_string()))
+        );
+        let mut h1 = Request::get("/").body(empty()).unwrap();
+        encode_upgrade(&mut h1, "websocket", false);
+        assert_eq!(upgrade_protocol(h1.headers()).as_deref(), Some("websocket"));
+        assert_eq!(decode_upgrade(&h1), None);
+    }
+}

@@ -1,0 +1,127 @@
+//! One gateway request: route it, check the client may reach the cluster,
+//! and carry it through the cluster's session, splicing upgraded streams.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tower_proto::http::{Body, empty, request_headers, response_headers, status};
+use tower_proto::route::{RouteError, route};
+use tower_proto::tunnel::upgrade_protocol;
+
+use super::identity::refuse_other_cluster;
+use crate::server::Shared;
+use crate::tunnel::ForwardError;
+
+/// Answers one gateway request from `client` (its certificate's CN).
+pub(super) async fn handle(
+    shared: Arc<Shared>,
+    client: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let route = match route(req.uri().path(), req.uri().query()) {
+        Ok(r) => r,
+        Err(RouteError::NotACluster) => {
+            return status(
+                StatusCode::NOT_FOUND,
+                format!("{}: {}", req.uri().path(), RouteError::NotACluster),
+            );
+        }
+        Err(e) => return status(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let bound = shared.config.gateway_client_bound_to_cluster;
+    if let Some(refused) = refuse_other_cluster(bound, client, &route.cluster) {
+        return refused;
+    }
+    let Some(session) = shared.registry.get(&route.cluster) else {
+        return if shared.store.knows(&route.cluster) {
+            status(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "cluster {:?} is not connected: its agent is offline",
+                    route.cluster
+                ),
+            )
+        } else {
+            status(
+                StatusCode::NOT_FOUND,
+                format!("cluster {:?} not found", route.cluster),
+            )
+        };
+    };
+    let upgrade = upgrade_protocol(req.headers());
+    let (parts, body) = req.into_parts();
+    let mut out = Request::builder()
+        .method(parts.method.clone())
+        .uri(route.path_and_query.as_str())
+        .body(body.boxed_unsync())
+        .expect("routed path is a valid URI");
+    *out.headers_mut() = request_headers(&parts.headers);
+    let mut inbound = Request::from_parts(parts, ());
+
+    let Some(protocol) = upgrade else {
+        return match session.send(route.upstream, out).await {
+            Ok(resp) => finish(resp),
+            Err(e) => forward_error(e),
+        };
+    };
+
+    // An upgrade: keep the client's side to splice after the 101.
+    let client_upgrade = hyper::upgrade::on(&mut inbound);
+    let mut resp = match session.send_upgrade(route.upstream, out, &protocol).await {
+        Ok(Ok(switched)) => switched,
+        Ok(Err(refused)) => return finish(refused),
+        Err(e) => return forward_error(e),
+    };
+    let tunnel_upgrade = hyper::upgrade::on(&mut resp);
+    let mut headers = response_headers(resp.headers());
+    headers.remove(header::CONTENT_LENGTH);
+    headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    headers.insert(
+        header::UPGRADE,
+        HeaderValue::from_str(&protocol).expect("came from a header value"),
+    );
+    let cluster = route.cluster.clone();
+    let shutdown = shared.shutdown.clone();
+    shared.tasks.spawn(async move {
+        let (client, tunnel) = match tokio::join!(client_upgrade, tunnel_upgrade) {
+            (Ok(c), Ok(t)) => (c, t),
+            (c, t) => {
+                tracing::debug!(%cluster, client = ?c.err(), tunnel = ?t.err(), "upgrade failed");
+                return;
+            }
+        };
+        let mut client = TokioIo::new(client);
+        let mut tunnel = TokioIo::new(tunnel);
+        tokio::select! {
+            r = tokio::io::copy_bidirectional(&mut client, &mut tunnel) => {
+                if let Err(e) = r {
+                    tracing::debug!(%cluster, error = %e, "upgraded stream ended");
+                }
+            }
+            _ = shutdown.cancelled() => {}
+        }
+    });
+    let mut out = Response::new(empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *out.headers_mut() = headers;
+    out
+}
+
+fn finish(resp: Response<Incoming>) -> Response<Body> {
+    let (mut parts, body) = resp.into_parts();
+    parts.headers = response_headers(&parts.headers);
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+fn forward_error(e: ForwardError) -> Response<Body> {
+    tracing::warn!(error = %e, "forwarding failed");
+    match e {
+        ForwardError::NoUpstream { .. } | ForwardError::Channel { .. } => {
+            status(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+        }
+        ForwardError::Http { .. } => status(StatusCode::BAD_GATEWAY, e.to_string()),
+    }
+}

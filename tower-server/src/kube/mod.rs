@@ -1,0 +1,60 @@
+//! Tower in Kubernetes: the server's identity and join tokens come from the
+//! API, and a controller writes kubeconfigs and conditions back.
+//!
+//! - [`crd`]: the Cluster and Agent objects as Rust types (the chart's CRDs
+//!   are generated from them).
+//! - [`identity`]: the CA and SSH host key kept in Secrets.
+//! - [`KubeTokenStore`]: join tokens mirrored from proxy Clusters and Agents.
+//! - `controller`: keeps each proxy Cluster and its Agent in step with the
+//!   live sessions; `lease`: which replica writes.
+
+pub mod crd;
+mod controller;
+mod identity;
+mod lease;
+mod tokens;
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::{Server, ServerConfig};
+
+pub use controller::{ControllerConfig, SERVER_INFO_CONFIGMAP, TOKEN_FIELD_MANAGER};
+pub use identity::{CA_SECRET, HOST_KEY_SECRET};
+pub use tokens::{AGENT_TOKEN_ID, CLUSTER_TOKEN_ID, ClusterTokens, KubeTokenStore};
+
+/// Runs the server wired to Kubernetes: identity from Secrets, tokens from
+/// proxy Clusters and Agents, and the controller that writes kubeconfigs and
+/// conditions back. `config.state_dir` is used as a scratch copy of the identity.
+pub async fn run(
+    config: ServerConfig,
+    controller_config: ControllerConfig,
+    client: kube::Client,
+    ssh: TcpListener,
+    gateway: TcpListener,
+    ops: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    identity::sync(&client, &controller_config.namespace, &config.state_dir).await?;
+    let store = Arc::new(KubeTokenStore::default());
+    let server = Server::with_store(config, store.clone())?;
+    let ops = ops.map(|ops| {
+        let (server, shutdown) = (server.clone(), shutdown.clone());
+        tokio::spawn(async move { server.serve_ops(ops, shutdown).await })
+    });
+    let ctrl = tokio::spawn(controller::run(
+        server.clone(),
+        client,
+        store,
+        controller_config,
+        shutdown.clone(),
+    ));
+    server.run(ssh, gateway, shutdown).await?;
+    ctrl.await??;
+    if let Some(ops) = ops {
+        ops.await?;
+    }
+    Ok(())
+}

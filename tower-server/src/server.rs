@@ -1,0 +1,232 @@
+//! A Tower server: its state shared by the listeners, what it runs, and the
+//! tasks it spawns, which shutdown waits for.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower_certs::{Ca, HostKey};
+
+use crate::config::ServerConfig;
+use crate::tokens::{FileStore, TokenStore, Verdict};
+use crate::tunnel::{AuthLimiter, Registry};
+use crate::{gateway, kubeconfig, metrics, tunnel};
+
+/// State shared by the listeners.
+pub(crate) struct Shared {
+    pub(crate) config: ServerConfig,
+    pub(crate) ca: Ca,
+    pub(crate) host_key: HostKey,
+    pub(crate) store: Arc<dyn TokenStore>,
+    pub(crate) registry: Registry,
+    pub(crate) limiter: AuthLimiter,
+    pub(crate) gateway_tls: Arc<rustls::ServerConfig>,
+    pub(crate) metrics: Arc<metrics::Metrics>,
+    pub(crate) prometheus: std::sync::Mutex<Option<prometheus_client::registry::Registry>>,
+    pub(crate) running: AtomicBool,
+    /// Every task the server spawns (connections, sessions' HTTP/2
+    /// connections, spliced upgrades); shutdown waits for them.
+    pub(crate) tasks: TaskTracker,
+    /// Fires when the server shuts down, for tasks that outlive a request.
+    pub(crate) shutdown: CancellationToken,
+}
+
+/// A Tower server, ready to run.
+#[derive(Clone)]
+pub struct Server {
+    shared: Arc<Shared>,
+}
+
+/// File name of the SSH host key inside the state dir.
+pub const HOST_KEY_FILE: &str = "ssh_host_ed25519_key";
+
+/// How long a stopping server waits for its tasks: longer than an SSH
+/// connection's goodbye and a cut session's grace.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(10);
+
+impl Server {
+    /// Opens the state dir: loads or creates the CA and host key, and uses the
+    /// file token store there.
+    pub fn open(config: ServerConfig) -> anyhow::Result<Self> {
+        let store = Arc::new(FileStore::open(&config.state_dir)?);
+        Self::with_store(config, store)
+    }
+
+    /// Like [`Server::open`], with another token store.
+    pub fn with_store(config: ServerConfig, store: Arc<dyn TokenStore>) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(&config.state_dir)?;
+        let ca = Ca::load_or_create(&config.state_dir, "tower-ca")?;
+        let host_key = HostKey::load_or_create(&config.state_dir.join(HOST_KEY_FILE))?;
+        let hosts: Vec<&str> = config.gateway_hosts.iter().map(String::as_str).collect();
+        let serving = ca.issue_server(&hosts, Duration::from_secs(365 * 24 * 3600))?;
+        let gateway_tls = Arc::new(gateway::tls_config(ca.cert_pem(), &serving)?);
+        let mut prometheus = prometheus_client::registry::Registry::default();
+        let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
+        Ok(Self {
+            shared: Arc::new(Shared {
+                config,
+                ca,
+                host_key,
+                store,
+                registry: Registry::with_metrics(metrics.clone()),
+                limiter: Default::default(),
+                gateway_tls,
+                metrics,
+                prometheus: std::sync::Mutex::new(Some(prometheus)),
+                running: Default::default(),
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        })
+    }
+
+    pub fn host_key_fingerprint(&self) -> String {
+        self.shared.host_key.fingerprint()
+    }
+
+    pub fn ca_pem(&self) -> &str {
+        self.shared.ca.cert_pem()
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.shared.registry
+    }
+
+    /// Ends `cluster`'s sessions whose token is no longer valid, without
+    /// waiting for the next store poll.
+    pub fn recheck_sessions(&self, cluster: &str) {
+        end_invalid_sessions(&self.shared, Some(cluster));
+    }
+
+    /// Base URL clients use to reach the gateway.
+    pub fn gateway_url(&self) -> &str {
+        &self.shared.config.gateway_url
+    }
+
+    /// A kubeconfig for `cluster` through this server's gateway.
+    pub fn kubeconfig(&self, cluster: &str) -> anyhow::Result<String> {
+        self.kubeconfig_with_validity(cluster, kubeconfig::CLIENT_CERT_VALIDITY)
+    }
+
+    /// A kubeconfig for `cluster` whose client certificate is valid for `validity`.
+    pub fn kubeconfig_with_validity(
+        &self,
+        cluster: &str,
+        validity: Duration,
+    ) -> anyhow::Result<String> {
+        kubeconfig::render_with_validity(
+            &self.shared.ca,
+            self.gateway_url(),
+            cluster,
+            &kubeconfig::default_identity(cluster),
+            validity,
+        )
+    }
+
+    /// Whether `yaml` is a kubeconfig for `cluster` this server would still
+    /// issue, with at least `min_remaining` left on its certificate.
+    pub fn kubeconfig_still_good(&self, yaml: &[u8], cluster: &str, min_remaining: Duration) -> bool {
+        kubeconfig::still_good(
+            yaml,
+            &self.shared.ca,
+            self.gateway_url(),
+            cluster,
+            min_remaining,
+        )
+    }
+
+    /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until `shutdown`.
+    /// Ready once [`Server::run`] has started. Call at most once per server.
+    pub async fn serve_ops(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let Some(registry) = self.shared.prometheus.lock().expect("poisoned").take() else {
+            tracing::warn!("ops endpoints already served");
+            return;
+        };
+        let shared = self.shared.clone();
+        let ops = tower_ops::Ops {
+            registry,
+            ready: Box::new(move || {
+                if shared.running.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("listeners not running yet".into())
+                }
+            }),
+        };
+        tower_ops::serve(listener, Arc::new(ops), shutdown).await;
+    }
+
+    /// Runs the SSH listener, the gateway and the token re-checker until
+    /// `shutdown`, then waits (up to [`SHUTDOWN_WAIT`]) for every task they
+    /// spawned to end.
+    pub async fn run(
+        self,
+        ssh: TcpListener,
+        gateway: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        tracing::info!(
+            ssh = %ssh.local_addr()?,
+            gateway = %gateway.local_addr()?,
+            host_key = %self.host_key_fingerprint(),
+            "tower server listening"
+        );
+        let shared = &self.shared;
+        let tasks = &shared.tasks;
+        tasks.spawn(tunnel::serve(shared.clone(), ssh, shutdown.clone()));
+        tasks.spawn(gateway::serve(shared.clone(), gateway, shutdown.clone()));
+        tasks.spawn(recheck_tokens(shared.clone(), shutdown.clone()));
+        shared.running.store(true, Ordering::Relaxed);
+        shutdown.cancelled().await;
+        shared.running.store(false, Ordering::Relaxed);
+        shared.shutdown.cancel();
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_WAIT, tasks.wait()).await.is_err() {
+            tracing::warn!(
+                left = tasks.len(),
+                "server tasks still running after {SHUTDOWN_WAIT:?}; leaving them"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Re-reads the token store and ends sessions whose token is no longer valid.
+async fn recheck_tokens(shared: Arc<Shared>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.store_poll);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = shared.store.refresh() {
+            tracing::warn!(error = %e, "token store refresh failed");
+            continue;
+        }
+        end_invalid_sessions(&shared, None);
+    }
+}
+
+/// Ends the sessions (of `cluster`, or of every cluster) whose token the store
+/// no longer accepts. They leave the registry at once, so the gateway refuses
+/// new requests before this returns; the SSH goodbye happens in the background.
+fn end_invalid_sessions(shared: &Shared, cluster: Option<&str>) {
+    for session in shared.registry.all() {
+        if cluster.is_some_and(|c| c != session.cluster) {
+            continue;
+        }
+        let verdict = shared.store.recheck(&session.cluster, &session.token_id);
+        if !matches!(verdict, Verdict::Valid { .. }) {
+            tracing::warn!(cluster = %session.cluster, reason = verdict.reason(), "ending session");
+            shared.registry.remove(&session.cluster, session.id);
+            let why = format!("{}; mint a new join token with towerctl", verdict.reason());
+            shared
+                .tasks
+                .spawn(async move { session.disconnect(&why).await });
+        }
+    }
+}
+
