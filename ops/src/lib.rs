@@ -26,6 +26,45 @@ pub struct Ops {
     pub ready: Box<dyn Fn() -> Result<(), String> + Send + Sync>,
 }
 
+/// Registers metrics under `prefix` on a `prometheus_client` registry, one
+/// line each: `register_metrics!(registry, "prefix", "name": metric => "help", …)`
+/// (each metric is cloned; clones share their value).
+#[macro_export]
+macro_rules! register_metrics {
+    ($registry:expr, $prefix:literal, $($name:literal: $metric:expr => $help:literal),* $(,)?) => {{
+        let r = $registry.sub_registry_with_prefix($prefix);
+        $( r.register($name, $help, $metric.clone()); )*
+    }};
+}
+
+/// Logs to stderr at the level `RUST_LOG` asks for (`info` by default), as
+/// every Tower binary does.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}
+
+/// A token cancelled on SIGINT or SIGTERM: how every Tower binary learns to
+/// stop (and, for the agent, to drain).
+pub fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    shutdown
+}
+
 /// The next connection on `listener` (named `what` in logs), or `None` once
 /// `shutdown` fires. A failed accept (out of file descriptors, say) is logged
 /// and retried after a pause instead of ending the listener.

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tower_agent::{Agent, AgentConfig, TokenSource, UpstreamConfig};
 use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 
@@ -61,11 +60,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    tower_ops::init_logging();
     let args = Args::parse();
     let token = match (args.token_file, args.token) {
         (Some(f), _) => TokenSource::File(f),
@@ -95,17 +90,7 @@ async fn main() -> anyhow::Result<()> {
     config.drain_timeout = Duration::from_secs_f64(args.drain_timeout);
     config.upstream_timeout = Duration::from_secs_f64(args.upstream_timeout);
     let agent = std::sync::Arc::new(Agent::new(config)?);
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        signal.cancel();
-    });
+    let shutdown = tower_ops::shutdown_on_signal();
     if !args.ops_listen.is_empty() {
         let listener = tokio::net::TcpListener::bind(&args.ops_listen)
             .await

@@ -27,22 +27,10 @@ pub struct AgentMetrics {
 
 impl AgentMetrics {
     pub fn register(&self, registry: &mut Registry) {
-        let r = registry.sub_registry_with_prefix("tower_agent");
-        r.register(
-            "connected",
-            "1 while the tunnel session is established",
-            self.connected.clone(),
-        );
-        r.register(
-            "reconnects",
-            "Tunnel sessions that ended and were retried",
-            self.reconnects.clone(),
-        );
-        r.register(
-            "requests",
-            "Requests served through the tunnel",
-            self.requests.clone(),
-        );
-        r.register("channels", "Tunnel channels open", self.channels.clone());
+        tower_ops::register_metrics!(registry, "tower_agent",
+            "connected": self.connected => "1 while the tunnel session is established",
+            "reconnects": self.reconnects => "Tunnel sessions that ended and were retried",
+            "requests": self.requests => "Requests served through the tunnel",
+            "channels": self.channels => "Tunnel channels open");
     }
 }

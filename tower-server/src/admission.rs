@@ -38,6 +38,9 @@ pub(crate) struct Admission {
     max_total: usize,
     max_per_source: usize,
     state: Mutex<AdmissionState>,
+    /// Logged (throttled) when [`Admission::admit_peer`] drops a connection.
+    refusal: &'static str,
+    refused: Throttled,
 }
 
 #[derive(Default)]
@@ -58,12 +61,26 @@ pub(crate) struct Pending {
 }
 
 impl Admission {
-    pub(crate) fn new(max_total: usize, max_per_source: usize) -> Self {
+    /// Caps of `max_total` overall and `max_per_source`; `refusal` is the
+    /// warning logged when a connection is dropped.
+    pub(crate) fn new(max_total: usize, max_per_source: usize, refusal: &'static str) -> Self {
         Self {
             max_total,
             max_per_source,
             state: Mutex::default(),
+            refusal,
+            refused: Throttled::default(),
         }
+    }
+
+    /// A slot for a connection from `peer`; `None` (with a throttled warning)
+    /// when it must be dropped.
+    pub(crate) fn admit_peer(self: &Arc<Self>, peer: SocketAddr) -> Option<Pending> {
+        let pending = self.admit(peer.ip());
+        if pending.is_none() {
+            self.refused.warn(peer, self.refusal);
+        }
+        pending
     }
 
     /// A slot for a connection from `ip`, or `None` when it must be dropped.
@@ -181,7 +198,7 @@ mod tests {
 
     #[test]
     fn admission_caps_per_source_and_overall() {
-        let a = Arc::new(Admission::new(4, 3));
+        let a = Arc::new(Admission::new(4, 3, "test"));
         let from_a: Vec<_> = (0..3).map(|_| a.admit(ip("10.0.0.1")).unwrap()).collect();
         assert!(a.admit(ip("10.0.0.1")).is_none(), "per-source cap");
         let b1 = a.admit(ip("10.0.0.2")).unwrap();

@@ -43,29 +43,13 @@ impl Metrics {
             auth_failures: Counter::default(),
             responses: Family::default(),
         };
-        let r = registry.sub_registry_with_prefix("tower_server");
-        r.register("sessions", "Agent sessions connected", m.sessions.clone());
-        r.register("channels", "Tunnel channels open", m.channels.clone());
-        r.register(
-            "tunnel_bytes",
-            "Bytes carried through tunnel channels",
-            m.bytes.clone(),
-        );
-        r.register(
-            "channel_open_seconds",
-            "Time to open a tunnel channel to an agent (dial latency)",
-            m.channel_open_seconds.clone(),
-        );
-        r.register(
-            "auth_failures",
-            "Refused agent authentications",
-            m.auth_failures.clone(),
-        );
-        r.register(
-            "gateway_responses",
-            "Gateway responses by status class",
-            m.responses.clone(),
-        );
+        tower_ops::register_metrics!(registry, "tower_server",
+            "sessions": m.sessions => "Agent sessions connected",
+            "channels": m.channels => "Tunnel channels open",
+            "tunnel_bytes": m.bytes => "Bytes carried through tunnel channels",
+            "channel_open_seconds": m.channel_open_seconds => "Time to open a tunnel channel to an agent (dial latency)",
+            "auth_failures": m.auth_failures => "Refused agent authentications",
+            "gateway_responses": m.responses => "Gateway responses by status class");
         m
     }
 

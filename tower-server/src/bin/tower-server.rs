@@ -5,7 +5,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio_util::sync::CancellationToken;
 use tower_server::ControllerConfig;
 use tower_server::{Server, ServerConfig};
 
@@ -72,11 +71,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    tower_ops::init_logging();
     let args = Args::parse();
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = ServerConfig::new(&args.state_dir, &args.gateway_url);
@@ -104,18 +99,7 @@ async fn main() -> anyhow::Result<()> {
         ssh.local_addr()?.port(),
         gateway.local_addr()?.port()
     );
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("shutting down");
-        signal.cancel();
-    });
+    let shutdown = tower_ops::shutdown_on_signal();
     if args.kubernetes {
         if args.print_ports {
             // The identity comes from Secrets inside the run; the ports are bound.

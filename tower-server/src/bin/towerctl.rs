@@ -293,19 +293,7 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                 )
                 .await
                 .context("creating the Cluster (are the CRDs installed?)")?;
-            let agent = serde_json::json!({
-                "apiVersion": "tower.kubesphere.io/v1alpha1",
-                "kind": "Agent",
-                "metadata": { "name": cluster },
-                "spec": { "paused": false },
-            });
-            agents
-                .patch(
-                    cluster,
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&agent),
-                )
-                .await?;
+            set_paused(&agents, cluster, false).await?;
             let join = JoinToken {
                 claims: Claims {
                     servers,
@@ -383,19 +371,7 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                 .await?
                 .with_context(|| format!("cluster {cluster:?} not found"))?;
             anyhow::ensure!(c.is_proxy(), "cluster {cluster} is not a proxy cluster");
-            let agent = serde_json::json!({
-                "apiVersion": "tower.kubesphere.io/v1alpha1",
-                "kind": "Agent",
-                "metadata": { "name": cluster },
-                "spec": { "paused": true },
-            });
-            agents
-                .patch(
-                    cluster,
-                    &PatchParams::apply(MANAGER).force(),
-                    &Patch::Apply(&agent),
-                )
-                .await?;
+            set_paused(&agents, cluster, true).await?;
             // Rotate the token so the old one is useless even after unpausing.
             let remove = serde_json::json!({ "spec": { "connection": { "token": null } } });
             clusters
@@ -410,5 +386,23 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
         }
         Command::Crds { .. } => unreachable!("handled before"),
     }
+    Ok(())
+}
+
+/// Applies `cluster`'s Agent with `paused` (creating it if needed).
+async fn set_paused(agents: &Api<Agent>, cluster: &str, paused: bool) -> anyhow::Result<()> {
+    let agent = serde_json::json!({
+        "apiVersion": "tower.kubesphere.io/v1alpha1",
+        "kind": "Agent",
+        "metadata": { "name": cluster },
+        "spec": { "paused": paused },
+    });
+    agents
+        .patch(
+            cluster,
+            &PatchParams::apply(MANAGER).force(),
+            &Patch::Apply(&agent),
+        )
+        .await?;
     Ok(())
 }

@@ -23,7 +23,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower_proto::tunnel;
 
-use crate::admission::{Admission, Throttled};
+use crate::admission::Admission;
 use crate::server::Shared;
 
 pub use identity::CLIENT_CN_PREFIX;
@@ -41,19 +41,15 @@ pub const MAX_HEADERS: usize = 100;
 /// Serves the gateway until `shutdown`.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let acceptor = TlsAcceptor::from(shared.gateway_tls.clone());
+    // Until its handshake is done a client holds a slot, capped overall and
+    // per source: a flood of silent or slow handshakes stays bounded.
     let admission = Arc::new(Admission::new(
         shared.config.max_gateway_handshakes,
         shared.config.max_gateway_handshakes_per_source,
+        "too many gateway TLS handshakes in progress (overall or from this source); dropping connections",
     ));
-    let dropped = Throttled::default();
     while let Some((socket, peer)) = tower_ops::accept(&listener, "gateway", &shutdown).await {
-        // Until its handshake is done a client holds a slot, capped overall and
-        // per source: a flood of silent or slow handshakes stays bounded.
-        let Some(pending) = admission.admit(peer.ip()) else {
-            dropped.warn(
-                peer,
-                "too many gateway TLS handshakes in progress (overall or from this source); dropping connections",
-            );
+        let Some(pending) = admission.admit_peer(peer) else {
             continue;
         };
         let _ = socket.set_nodelay(true);

@@ -28,6 +28,7 @@ pub const CONNECTION_DIRECT: &str = "direct";
 // === Cluster ===
 
 /// KubeSphere's member-cluster object.
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[kube(
     group = "cluster.kubesphere.io",
@@ -43,120 +44,70 @@ pub const CONNECTION_DIRECT: &str = "direct";
 #[serde(rename_all = "camelCase")]
 pub struct ClusterSpec {
     /// Join the cluster to the federation control plane.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join_federation: Option<bool>,
     /// Whether the cluster is enabled.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enable: Option<bool>,
     /// Provider of the cluster (e.g. a cloud).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
     /// How the host reaches the member.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection: Option<Connection>,
     /// Whether the member's kube-apiserver is exposed externally.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub external_kube_api_enabled: Option<bool>,
     /// KubeSphere's configuration for the member.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // `schema_with` hides the Option from schemars: `default` keeps it optional.
+    #[serde(default)]
     #[schemars(schema_with = "bytes_schema")]
     pub config: Option<ByteString>,
 }
 
 /// `spec.connection`.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Connection {
     /// `direct` or `proxy`.
-    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[serde(rename = "type")]
     #[schemars(extend("enum" = ["direct", "proxy"]))]
     pub type_: Option<String>,
     /// KubeSphere API endpoint of the member.
-    #[serde(
-        default,
-        rename = "kubesphereAPIEndpoint",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "kubesphereAPIEndpoint")]
     pub kubesphere_api_endpoint: Option<String>,
     /// Kubernetes API endpoint of the member.
-    #[serde(
-        default,
-        rename = "kubernetesAPIEndpoint",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "kubernetesAPIEndpoint")]
     pub kubernetes_api_endpoint: Option<String>,
     /// External Kubernetes API endpoint.
-    #[serde(
-        default,
-        rename = "externalKubernetesAPIEndpoint",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "externalKubernetesAPIEndpoint")]
     pub external_kubernetes_api_endpoint: Option<String>,
     /// Kubeconfig that reaches the member (base64 in JSON).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // `schema_with` hides the Option from schemars: `default` keeps it optional.
+    #[serde(default)]
     #[schemars(schema_with = "bytes_schema")]
     pub kubeconfig: Option<ByteString>,
     /// Token the agent presents (proxy clusters).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
     /// Port the Kubernetes API is served on by the proxy.
-    #[serde(
-        default,
-        rename = "kubernetesAPIServerPort",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "kubernetesAPIServerPort")]
     pub kubernetes_api_server_port: Option<u16>,
     /// Port the KubeSphere API is served on by the proxy.
-    #[serde(
-        default,
-        rename = "kubesphereAPIServerPort",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "kubesphereAPIServerPort")]
     pub kubesphere_api_server_port: Option<u16>,
 }
 
 /// `status` of a Cluster.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ClusterStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_version: Option<String>,
-    #[serde(
-        default,
-        rename = "kubeSphereVersion",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "kubeSphereVersion")]
     pub kube_sphere_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node_count: Option<i64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zones: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub region: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub configz: Option<std::collections::BTreeMap<String, bool>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<String>,
-}
-
-/// A condition as KubeSphere's Cluster and Tower's Agent carry them.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Condition {
-    #[serde(rename = "type")]
-    pub type_: String,
-    /// `True`, `False` or `Unknown`.
-    pub status: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_update_time: Option<Time>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_transition_time: Option<Time>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub message: Option<String>,
 }
 
 impl Cluster {
@@ -187,13 +138,11 @@ impl Cluster {
 // === Agent ===
 
 /// One per member, named after its cluster.
+#[serde_with::skip_serializing_none]
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[kube(group = "tower.kubesphere.io", version = "v1alpha1", kind = "Agent")]
+#[kube(plural = "agents", status = "AgentStatus")]
 #[kube(
-    group = "tower.kubesphere.io",
-    version = "v1alpha1",
-    kind = "Agent",
-    plural = "agents",
-    status = "AgentStatus",
     printcolumn = r#"{"name":"Connected","type":"string","jsonPath":".status.conditions[?(@.type==\"Connected\")].status"}"#,
     printcolumn = r#"{"name":"Version","type":"string","jsonPath":".status.agentVersion"}"#,
     printcolumn = r#"{"name":"RTT-ms","type":"integer","jsonPath":".status.rttMillis"}"#,
@@ -203,14 +152,13 @@ impl Cluster {
 pub struct AgentSpec {
     /// A Secret key holding the agent's token. Without it, the Cluster's
     /// `spec.connection.token` is the token.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_ref: Option<TokenRef>,
     /// A paused agent is refused and its live session ended.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<bool>,
 }
 
 /// Where a token lives.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenRef {
@@ -225,25 +173,22 @@ fn default_token_key() -> String {
 }
 
 /// `status` of an Agent.
+#[serde_with::skip_serializing_none]
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AgentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The kubeconfig that reaches this member through the gateway.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    // `schema_with` hides the Option from schemars: `default` keeps it optional.
+    #[serde(default)]
     #[schemars(schema_with = "bytes_schema")]
     pub kubeconfig: Option<ByteString>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connected_since: Option<Time>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<Time>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rtt_millis: Option<i64>,
     /// The server replica holding the session.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serving_replica: Option<String>,
 }
 
@@ -251,6 +196,23 @@ impl Agent {
     pub fn paused(&self) -> bool {
         self.spec.paused.unwrap_or(false)
     }
+}
+
+// === Condition ===
+
+/// A condition as KubeSphere's Cluster and Tower's Agent carry them.
+#[serde_with::skip_serializing_none]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub last_update_time: Option<Time>,
+    pub last_transition_time: Option<Time>,
+    pub reason: Option<String>,
+    pub message: Option<String>,
 }
 
 /// `[]byte` fields: a base64 string, as Kubernetes encodes them.
@@ -271,4 +233,24 @@ pub fn crd_yaml() -> Vec<(&'static str, String)> {
             yaml_serde::to_string(&Agent::crd()).expect("CRDs serialize"),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unset_fields_are_left_out_not_nulled() {
+        // Patches built from these types must never null a field someone else owns.
+        let status = serde_json::to_value(AgentStatus::default()).unwrap();
+        assert_eq!(status, serde_json::json!({}));
+        let connection = serde_json::to_value(Connection {
+            type_: Some(CONNECTION_PROXY.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(connection, serde_json::json!({ "type": "proxy" }));
+        let back: Connection = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(back, Connection::default());
+    }
 }

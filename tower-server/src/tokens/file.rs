@@ -261,8 +261,8 @@ impl TokenStore for FileStore {
 mod tests {
     use super::*;
 
-    #[test]
-    fn mint_check_revoke() {
+    /// A fresh store, and a token for gondor from it living `ttl`.
+    fn store_with_token(ttl: Option<Duration>) -> (PathBuf, FileStore, JoinToken) {
         let dir = tempdir();
         let store = FileStore::open(&dir).unwrap();
         let token = store
@@ -270,9 +270,15 @@ mod tests {
                 "gondor",
                 vec!["127.0.0.1:7022".into()],
                 "SHA256:x".into(),
-                None,
+                ttl,
             )
             .unwrap();
+        (dir, store, token)
+    }
+
+    #[test]
+    fn mint_check_revoke() {
+        let (dir, store, token) = store_with_token(None);
         let id = token.claims.id.as_str();
         assert!(matches!(
             store.check("gondor", Some(id), &token.secret),
@@ -307,16 +313,7 @@ mod tests {
 
     #[test]
     fn expiry() {
-        let dir = tempdir();
-        let store = FileStore::open(&dir).unwrap();
-        let token = store
-            .mint(
-                "gondor",
-                vec!["a:1".into()],
-                "SHA256:x".into(),
-                Some(Duration::ZERO),
-            )
-            .unwrap();
+        let (_dir, store, token) = store_with_token(Some(Duration::ZERO));
         assert_eq!(
             store.check("gondor", Some(&token.claims.id), &token.secret),
             Verdict::Expired

@@ -57,6 +57,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
     let admission = Arc::new(Admission::new(
         shared.config.max_unauthenticated_ssh,
         shared.config.max_unauthenticated_ssh_per_source,
+        "too many unauthenticated ssh connections (overall or from this source); dropping connections",
     ));
     let dropped = Throttled::default();
     while let Some((socket, peer)) = tower_ops::accept(&listener, "ssh", &shutdown).await {
@@ -64,11 +65,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
             dropped.warn(peer, "ssh connection limit reached; dropping connections");
             continue;
         };
-        let Some(pending) = admission.admit(peer.ip()) else {
-            dropped.warn(
-                peer,
-                "too many unauthenticated ssh connections (overall or from this source); dropping connections",
-            );
+        let Some(pending) = admission.admit_peer(peer) else {
             continue;
         };
         let _ = socket.set_nodelay(true);
