@@ -8,8 +8,8 @@
 //! - `controller`: keeps each proxy Cluster and its Agent in step with the
 //!   live sessions; `lease`: which replica writes.
 
-pub mod crd;
 mod controller;
+pub mod crd;
 mod identity;
 mod lease;
 mod tokens;
