@@ -80,6 +80,9 @@ where
 /// A Cluster event (the store already holds it): forgets the tokens of every
 /// Cluster no longer managed, and says which Clusters to reconcile.
 fn on_cluster_event(ctx: &Ctx, event: watcher::Event<Cluster>) -> Vec<ObjectRef<Cluster>> {
+    if let watcher::Event::Init | watcher::Event::InitApply(_) = event {
+        return Vec::new(); // the store changes at InitDone
+    }
     let live: HashSet<String> = ctx
         .clusters
         .state()
@@ -104,6 +107,9 @@ fn on_cluster_event(ctx: &Ctx, event: watcher::Event<Cluster>) -> Vec<ObjectRef<
 /// Agent gone since the last event, drops Secret watches no Agent needs, and
 /// names the Clusters to reconcile (the Agent's, and those of gone Agents).
 fn on_agent_event(ctx: &Ctx, event: watcher::Event<Agent>) -> Vec<String> {
+    if let watcher::Event::Init | watcher::Event::InitApply(_) = event {
+        return Vec::new(); // the store changes at InitDone
+    }
     let agents = ctx.agents.state();
     let names: HashSet<String> = agents.iter().map(|a| a.name_any()).collect();
     let gone: Vec<String> = {
@@ -137,6 +143,10 @@ fn end_session(ctx: &Ctx, cluster: &str) {
     }
 }
 
+/// What a reconcile reads of a session that the registry announces: its id,
+/// upstreams, and whether its hello arrived.
+type SessionState = (u64, Vec<String>, bool);
+
 /// Reconciles the Clusters whose session came, went or changed upstreams.
 pub(super) async fn session_triggers(
     ctx: Arc<Ctx>,
@@ -147,10 +157,13 @@ pub(super) async fn session_triggers(
     let mut changes = registry.subscribe();
     let mut last = BTreeMap::new();
     loop {
-        let now: BTreeMap<String, (u64, bool)> = registry
+        let now: BTreeMap<String, SessionState> = registry
             .all()
             .iter()
-            .map(|s| (s.cluster.clone(), (s.id, registry.is_connected(&s.cluster))))
+            .map(|s| {
+                let state = (s.id, s.upstreams(), s.hello().is_some());
+                (s.cluster.clone(), state)
+            })
             .collect();
         for name in changed_keys(&last, &now) {
             let _ = triggers.unbounded_send(ObjectRef::new(&name));
@@ -205,6 +218,34 @@ pub(super) async fn leader_duties(ctx: Arc<Ctx>, triggers: Triggers, shutdown: C
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kube::controller::testing::{Mock, ctx, proxy_cluster};
+    use crate::kube::crd::AgentSpec;
+    use crate::kube::tokens::ClusterTokens;
+    use crate::tokens::TokenStore;
+
+    #[tokio::test]
+    async fn a_cluster_gone_from_the_store_forgets_its_tokens() {
+        let mock = Mock::new();
+        let (ctx, _dir) = ctx(&mock, true, Vec::new());
+        ctx.store.set("gone", ClusterTokens::default());
+        let deleted = watcher::Event::Delete(proxy_cluster("gone", None));
+        assert!(on_cluster_event(&ctx, deleted).is_empty());
+        assert!(!ctx.store.knows("gone"));
+        mock.assert_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn agent_events_name_their_cluster_and_those_of_agents_gone_meanwhile() {
+        let mock = Mock::new();
+        let gondor = Agent::new("gondor", AgentSpec::default());
+        let (ctx, _dir) = ctx(&mock, true, vec![gondor.clone()]);
+        ctx.seen_agents.lock().unwrap().insert("moria".into());
+        let names = on_agent_event(&ctx, watcher::Event::Apply(gondor));
+        assert_eq!(names, ["moria", "gondor"]);
+        let seen = ctx.seen_agents.lock().unwrap().clone();
+        assert_eq!(seen, HashSet::from(["gondor".to_string()]));
+        mock.assert_quiet().await;
+    }
 
     #[test]
     fn changed_keys_sees_new_gone_and_different() {
