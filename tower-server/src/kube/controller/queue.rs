@@ -218,15 +218,14 @@ pub(super) async fn leader_duties(ctx: Arc<Ctx>, triggers: Triggers, shutdown: C
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kube::controller::testing::{Mock, ctx, proxy_cluster};
+    use crate::kube::controller::testing::{mock_ctx, proxy_cluster};
     use crate::kube::crd::AgentSpec;
     use crate::kube::tokens::ClusterTokens;
     use crate::tokens::TokenStore;
 
     #[tokio::test]
     async fn a_cluster_gone_from_the_store_forgets_its_tokens() {
-        let mock = Mock::new();
-        let (ctx, _dir) = ctx(&mock, true, Vec::new());
+        let (mock, ctx, _dir) = mock_ctx(true, Vec::new());
         ctx.store.set("gone", ClusterTokens::default());
         let deleted = watcher::Event::Delete(proxy_cluster("gone", None));
         assert!(on_cluster_event(&ctx, deleted).is_empty());
@@ -236,9 +235,8 @@ mod tests {
 
     #[tokio::test]
     async fn agent_events_name_their_cluster_and_those_of_agents_gone_meanwhile() {
-        let mock = Mock::new();
         let gondor = Agent::new("gondor", AgentSpec::default());
-        let (ctx, _dir) = ctx(&mock, true, vec![gondor.clone()]);
+        let (mock, ctx, _dir) = mock_ctx(true, vec![gondor.clone()]);
         ctx.seen_agents.lock().unwrap().insert("moria".into());
         let names = on_agent_event(&ctx, watcher::Event::Apply(gondor));
         assert_eq!(names, ["moria", "gondor"]);

@@ -110,14 +110,13 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kube::controller::testing::{CLUSTER_PATH, Mock, ctx, proxy_cluster};
+    use crate::kube::controller::testing::{CLUSTER_PATH, mock_ctx, proxy_cluster};
     use crate::kube::crd::{AgentSpec, CONNECTION_DIRECT};
     use crate::tokens::TokenStore;
 
     #[tokio::test]
     async fn a_direct_cluster_is_never_touched() {
-        let mock = Mock::new();
-        let (ctx, _dir) = ctx(&mock, true, Vec::new());
+        let (mock, ctx, _dir) = mock_ctx(true, Vec::new());
         let mut cluster = proxy_cluster("rohan", None);
         cluster.spec.connection.as_mut().unwrap().type_ = Some(CONNECTION_DIRECT.into());
         let action = reconcile(Arc::new(cluster), ctx.clone()).await.unwrap();
@@ -128,8 +127,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_follower_mirrors_tokens_and_writes_nothing() {
-        let mock = Mock::new();
-        let (ctx, _dir) = ctx(&mock, false, Vec::new());
+        let (mock, ctx, _dir) = mock_ctx(false, Vec::new());
         let cluster = proxy_cluster("gondor", Some("cluster-token-0123456789"));
         let action = reconcile(Arc::new(cluster), ctx.clone()).await.unwrap();
         assert_eq!(action, Action::requeue(ctx.config.resync));
@@ -139,9 +137,8 @@ mod tests {
 
     #[tokio::test]
     async fn the_leader_writes_connection_condition_and_agent_status_in_order() {
-        let mock = Mock::new();
         let agent = Agent::new("gondor", AgentSpec::default());
-        let (ctx, _dir) = ctx(&mock, true, vec![agent.clone()]);
+        let (mock, ctx, _dir) = mock_ctx(true, vec![agent.clone()]);
         let cluster = proxy_cluster("gondor", Some("cluster-token-0123456789"));
         let (action, ()) = tokio::join!(reconcile(Arc::new(cluster.clone()), ctx.clone()), async {
             let apply = mock.next().await;
@@ -169,8 +166,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_write_is_an_error_and_the_tokens_are_mirrored_first() {
-        let mock = Mock::new();
-        let (ctx, _dir) = ctx(&mock, true, Vec::new());
+        let (mock, ctx, _dir) = mock_ctx(true, Vec::new());
         let cluster = proxy_cluster("gondor", None);
         let (result, ()) = tokio::join!(reconcile(Arc::new(cluster), ctx.clone()), async {
             let apply = mock.next().await;

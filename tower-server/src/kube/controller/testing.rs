@@ -228,14 +228,14 @@ pub(super) fn secret(name: &str, key: &str, value: &str) -> Secret {
     }
 }
 
-/// A controller context on `mock`'s client whose Agent store holds `agents`
-/// (listed already).
-pub(super) fn ctx(
-    mock: &Mock,
+/// A mocked apiserver and a controller context on it whose Agent store holds
+/// `agents` (listed already).
+pub(super) fn mock_ctx(
     leader: bool,
     agents: Vec<Agent>,
-) -> (Arc<super::Ctx>, tempfile::TempDir) {
+) -> (Mock, Arc<super::Ctx>, tempfile::TempDir) {
     use kube::runtime::watcher::Event;
+    let mock = Mock::new();
     let (server, dir) = test_server();
     let (agent_store, mut writer) = reflector::store::<Agent>();
     writer.apply_watcher_event(&Event::Init);
@@ -259,5 +259,5 @@ pub(super) fn ctx(
         backoff: Default::default(),
         seen_agents: Default::default(),
     };
-    (Arc::new(ctx), dir)
+    (mock, Arc::new(ctx), dir)
 }
