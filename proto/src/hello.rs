@@ -79,7 +79,10 @@ impl ProtocolVersion {
         if self.major == other.major {
             Ok(())
         } else {
-            Err(LineError::Version { ours: self, peer: other })
+            Err(LineError::Version {
+                ours: self,
+                peer: other,
+            })
         }
     }
 }
@@ -136,9 +139,8 @@ where
     R: AsyncBufRead + Unpin,
 {
     let mut line = Vec::new();
-    let read = reader
-        .take(MAX_LINE as u64 + 1)
-        .read_until(b'\n', &mut line);
+    let mut limited = reader.take(MAX_LINE as u64 + 1);
+    let read = limited.read_until(b'\n', &mut line);
     match tokio::time::timeout(timeout, read).await {
         Err(_) => Err(LineError::Timeout(timeout)),
         Ok(Err(e)) => Err(e.into()),
@@ -182,10 +184,7 @@ mod tests {
         let err = ProtocolVersion::CURRENT
             .check_peer(ProtocolVersion { major: 2, minor: 0 })
             .unwrap_err();
-        assert!(
-            err.to_string().contains("major version mismatch"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("major version mismatch"), "{err}");
     }
 
     #[test]

@@ -17,9 +17,7 @@ pub fn join_token(data: &[u8]) {
         return;
     };
     assert!(!token.claims.servers.is_empty());
-    assert!(crate::names::is_valid_cluster_name(
-        &token.claims.cluster
-    ));
+    assert!(crate::names::is_valid_cluster_name(&token.claims.cluster));
     assert!(!token.claims.id.contains(':'));
     let again = JoinToken::parse(&token.encode()).expect("an accepted token re-parses");
     assert_eq!(again, token);
@@ -47,10 +45,7 @@ pub fn route(data: &[u8]) {
     let Ok(r) = crate::route::route(path, query) else {
         return;
     };
-    assert!(
-        crate::names::is_valid_cluster_name(&r.cluster),
-        "{r:?}"
-    );
+    assert!(crate::names::is_valid_cluster_name(&r.cluster), "{r:?}");
     assert!(r.path_and_query.starts_with('/'), "{r:?}");
     let forwarded = r.path_and_query.split('?').next().unwrap_or_default();
     assert!(

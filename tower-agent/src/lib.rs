@@ -498,11 +498,7 @@ impl Drain {
     }
 
     /// A watch's response ends cleanly once draining starts.
-    fn end_watch_on_drain(
-        &self,
-        long_running: bool,
-        resp: Response<Body>,
-    ) -> Response<Body> {
+    fn end_watch_on_drain(&self, long_running: bool, resp: Response<Body>) -> Response<Body> {
         if !long_running {
             return resp;
         }

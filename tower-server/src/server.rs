@@ -128,7 +128,12 @@ impl Server {
 
     /// Whether `yaml` is a kubeconfig for `cluster` this server would still
     /// issue, with at least `min_remaining` left on its certificate.
-    pub fn kubeconfig_still_good(&self, yaml: &[u8], cluster: &str, min_remaining: Duration) -> bool {
+    pub fn kubeconfig_still_good(
+        &self,
+        yaml: &[u8],
+        cluster: &str,
+        min_remaining: Duration,
+    ) -> bool {
         kubeconfig::still_good(
             yaml,
             &self.shared.ca,
@@ -184,7 +189,10 @@ impl Server {
         shared.running.store(false, Ordering::Relaxed);
         shared.shutdown.cancel();
         tasks.close();
-        if tokio::time::timeout(SHUTDOWN_WAIT, tasks.wait()).await.is_err() {
+        if tokio::time::timeout(SHUTDOWN_WAIT, tasks.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 left = tasks.len(),
                 "server tasks still running after {SHUTDOWN_WAIT:?}; leaving them"
@@ -229,4 +237,3 @@ fn end_invalid_sessions(shared: &Shared, cluster: Option<&str>) {
         }
     }
 }
-

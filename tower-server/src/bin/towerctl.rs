@@ -11,8 +11,8 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use tower_proto::token::{Claims, JoinToken, Secret};
-use tower_server::kube::{CLUSTER_TOKEN_ID, SERVER_INFO_CONFIGMAP};
 use tower_server::crd::{Agent, CONDITION_CONNECTED, Cluster};
+use tower_server::kube::{CLUSTER_TOKEN_ID, SERVER_INFO_CONFIGMAP};
 use tower_server::tokens::FileStore;
 use tower_server::{HOST_KEY_FILE, kubeconfig};
 

@@ -10,7 +10,6 @@ use tower_proto::token::{Claims, JoinToken, Secret, random_id};
 
 use super::{TokenStore, Verdict};
 
-
 /// One stored token: never the secret, only its digest.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

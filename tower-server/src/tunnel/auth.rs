@@ -307,7 +307,6 @@ impl Handler for Connection {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

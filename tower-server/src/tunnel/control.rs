@@ -76,7 +76,11 @@ pub(super) async fn serve(
             tracing::warn!(reason = %why, "agent refused on control channel");
             tokio::time::sleep(Duration::from_millis(200)).await;
             let _ = handle
-                .disconnect(russh::Disconnect::ByApplication, why.to_string(), "en".into())
+                .disconnect(
+                    russh::Disconnect::ByApplication,
+                    why.to_string(),
+                    "en".into(),
+                )
                 .await;
         }
         (Ok(_), None) => {}

@@ -90,7 +90,6 @@ mod tests {
 
     #[tokio::test]
     async fn a_cut_socket_fails_reads_and_writes() {
-
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let (a, mut b) = tokio::io::duplex(64);
         let cut = CancellationToken::new();

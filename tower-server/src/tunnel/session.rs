@@ -359,4 +359,3 @@ fn replayable(req: &Request<Body>) -> Option<Request<Body>> {
     *copy.headers_mut() = req.headers().clone();
     Some(copy)
 }
-

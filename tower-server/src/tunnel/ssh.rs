@@ -158,4 +158,3 @@ async fn connection(
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// How long a cut session may take to notice its socket is gone.
 const CUT_GRACE: Duration = Duration::from_secs(5);
-
