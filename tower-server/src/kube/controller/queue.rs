@@ -147,7 +147,8 @@ fn end_session(ctx: &Ctx, cluster: &str) {
 /// upstreams, and whether its hello arrived.
 type SessionState = (u64, Vec<String>, bool);
 
-/// Reconciles the Clusters whose session came, went or changed upstreams.
+/// Reconciles the Clusters whose session came, went, changed upstreams or
+/// said hello.
 pub(super) async fn session_triggers(
     ctx: Arc<Ctx>,
     triggers: Triggers,
