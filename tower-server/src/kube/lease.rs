@@ -122,3 +122,11 @@ async fn try_acquire(api: &Api<Lease>, config: &LeaseConfig) -> kube::Result<boo
         Err(e) => Err(e),
     }
 }
+
+#[cfg(test)]
+impl Leadership {
+    /// Sets leadership by hand, as the lease loop would.
+    pub fn set(&self, leader: bool) {
+        self.0.store(leader, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,197 @@
+//! One Cluster's reconcile, job by job, and what happens when it fails.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::ResourceExt;
+use kube::runtime::controller::Action;
+use kube::runtime::reflector::ObjectRef;
+
+use super::{Ctx, Error, connection, mirror, status};
+use crate::kube::crd::{Agent, Cluster};
+
+/// How long a reconcile waits for the Agent store's first list, so that a
+/// Cluster is not judged without its Agent.
+const AGENTS_READY_WAIT: Duration = Duration::from_secs(30);
+/// First retry after a failure; doubled per consecutive failure.
+const BACKOFF_FIRST: Duration = Duration::from_millis(500);
+/// Longest wait between retries.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Whether Tower manages this Cluster: a live proxy Cluster with a valid name.
+pub(super) fn managed(cluster: &Cluster) -> bool {
+    cluster.is_proxy()
+        && cluster.metadata.deletion_timestamp.is_none()
+        && tower_proto::names::is_valid_cluster_name(&cluster.name_any())
+}
+
+/// Brings one Cluster (and its Agent) in step; requeued every resync.
+pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
+    if !managed(&cluster) {
+        return Ok(Action::await_change());
+    }
+    let name = cluster.name_any();
+    let _ = tokio::time::timeout(AGENTS_READY_WAIT, ctx.agents.wait_until_ready()).await;
+    let agent = ctx.agents.get(&ObjectRef::<Agent>::new(&name));
+    let tokens = mirror::tokens(&ctx.secrets, &cluster, agent.as_deref()).await?;
+    if ctx.store.set(&name, tokens) {
+        // A revoked or paused cluster is cut off before its condition says so.
+        ctx.server.recheck_sessions(&name);
+    }
+    if ctx.leadership.is_leader() {
+        write(&ctx, &cluster, agent.as_deref()).await?;
+    }
+    ctx.backoff.reset(&name);
+    Ok(Action::requeue(ctx.config.resync))
+}
+
+/// The leader's writes for one Cluster.
+async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::Result<()> {
+    if connection::ensure_token(&ctx.client, cluster).await? {
+        // The watch brings the updated object back for the rest.
+        return Ok(());
+    }
+    let kubeconfig =
+        connection::write_connection(&ctx.client, &ctx.server, &ctx.config, cluster).await?;
+    let name = cluster.name_any();
+    let paused = agent.is_some_and(Agent::paused);
+    let available = status::availability(&ctx.server, &ctx.config.replica, &name, paused);
+    status::write_cluster_condition(&ctx.client, cluster, &available).await?;
+    if let Some(agent) = agent {
+        let session = ctx
+            .server
+            .registry()
+            .get(&name)
+            .filter(|_| available.connected)
+            .map(|s| status::SessionDetail::of(&s));
+        let new = status::agent_status(
+            agent.status.clone().unwrap_or_default(),
+            &available,
+            session,
+            &ctx.config.replica,
+            kubeconfig,
+        );
+        status::write_agent_status(&ctx.client, agent, new).await?;
+    }
+    Ok(())
+}
+
+/// Retries a failed Cluster after a backoff that doubles per consecutive
+/// failure of that Cluster.
+pub(super) fn error_policy(cluster: Arc<Cluster>, error: &Error, ctx: Arc<Ctx>) -> Action {
+    let name = cluster.name_any();
+    let wait = ctx.backoff.next(&name);
+    tracing::warn!(cluster = %name, error = %error, retry_in = ?wait, "reconciling cluster failed");
+    Action::requeue(wait)
+}
+
+/// Consecutive failures per Cluster.
+#[derive(Default)]
+pub(super) struct Backoff(Mutex<HashMap<String, u32>>);
+
+impl Backoff {
+    /// Counts a failure; the wait before the retry.
+    pub(super) fn next(&self, name: &str) -> Duration {
+        let mut map = self.0.lock().expect("poisoned");
+        let n = map.entry(name.to_string()).or_default();
+        let wait = BACKOFF_FIRST
+            .saturating_mul(1 << (*n).min(16))
+            .min(BACKOFF_MAX);
+        *n = n.saturating_add(1);
+        wait
+    }
+
+    pub(super) fn reset(&self, name: &str) {
+        self.0.lock().expect("poisoned").remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::controller::testing::{CLUSTER_PATH, mock_ctx, proxy_cluster};
+    use crate::kube::crd::{AgentSpec, CONNECTION_DIRECT};
+    use crate::tokens::TokenStore;
+
+    #[tokio::test]
+    async fn a_direct_cluster_is_never_touched() {
+        let (mock, ctx, _dir) = mock_ctx(true, Vec::new());
+        let mut cluster = proxy_cluster("rohan", None);
+        cluster.spec.connection.as_mut().unwrap().type_ = Some(CONNECTION_DIRECT.into());
+        let action = reconcile(Arc::new(cluster), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::await_change());
+        assert!(!ctx.store.knows("rohan"));
+        mock.assert_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn a_follower_mirrors_tokens_and_writes_nothing() {
+        let (mock, ctx, _dir) = mock_ctx(false, Vec::new());
+        let cluster = proxy_cluster("gondor", Some("cluster-token-0123456789"));
+        let action = reconcile(Arc::new(cluster), ctx.clone()).await.unwrap();
+        assert_eq!(action, Action::requeue(ctx.config.resync));
+        assert!(ctx.store.knows("gondor"));
+        mock.assert_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn the_leader_writes_connection_condition_and_agent_status_in_order() {
+        let agent = Agent::new("gondor", AgentSpec::default());
+        let (mock, ctx, _dir) = mock_ctx(true, vec![agent.clone()]);
+        let cluster = proxy_cluster("gondor", Some("cluster-token-0123456789"));
+        let (action, ()) = tokio::join!(reconcile(Arc::new(cluster.clone()), ctx.clone()), async {
+            let apply = mock.next().await;
+            apply.assert_apply(CLUSTER_PATH, "tower-server");
+            apply.reply(200, &cluster);
+            let condition = mock.next().await;
+            condition.assert_status_merge(&format!("{CLUSTER_PATH}/status"), None);
+            assert_eq!(
+                condition.body["status"]["conditions"][0]["reason"],
+                "AgentDisconnected"
+            );
+            condition.reply(200, &cluster);
+            let status = mock.next().await;
+            status.assert_status_merge(
+                "/apis/tower.kubesphere.io/v1alpha1/agents/gondor/status",
+                None,
+            );
+            assert_eq!(status.body["status"]["conditions"][0]["type"], "Connected");
+            status.reply(200, &agent);
+        });
+        assert_eq!(action.unwrap(), Action::requeue(ctx.config.resync));
+        assert!(ctx.store.knows("gondor"));
+        mock.assert_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_an_error_and_the_tokens_are_mirrored_first() {
+        let (mock, ctx, _dir) = mock_ctx(true, Vec::new());
+        let cluster = proxy_cluster("gondor", None);
+        let (result, ()) = tokio::join!(reconcile(Arc::new(cluster), ctx.clone()), async {
+            let apply = mock.next().await;
+            assert_eq!(apply.query["fieldManager"], "tower-server-token");
+            apply.reply_not_found();
+        });
+        assert!(result.is_err());
+        assert!(
+            ctx.store.knows("gondor"),
+            "mirrored before the write failed"
+        );
+        assert_eq!(
+            ctx.store
+                .check("gondor", None, &tower_proto::Secret::new("x")),
+            crate::tokens::Verdict::Unknown
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_per_cluster_caps_and_resets() {
+        let b = Backoff::default();
+        let waits: Vec<_> = (0..8).map(|_| b.next("a").as_millis()).collect();
+        assert_eq!(waits, [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000]);
+        assert_eq!(b.next("b"), BACKOFF_FIRST, "per cluster");
+        b.reset("a");
+        assert_eq!(b.next("a"), BACKOFF_FIRST);
+    }
+}

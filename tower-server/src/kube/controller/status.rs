@@ -1,0 +1,427 @@
+//! What the leader says about a proxy Cluster's agent: the `AgentAvailable`
+//! condition on the Cluster and the connection detail in the Agent's status.
+//! Both are merge patches on `/status`, guarded by the resourceVersion the
+//! decision was made on (a conflict retries with the newer object).
+
+use std::time::SystemTime;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Resource, ResourceExt};
+
+use crate::Server;
+use crate::kube::crd::{
+    Agent, AgentStatus, CONDITION_AGENT_AVAILABLE, CONDITION_CONNECTED, Cluster, Condition,
+};
+use crate::tunnel::Session;
+
+/// Whether a cluster's agent is available, as a condition says it.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct Availability {
+    pub connected: bool,
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// The live session's detail the Agent's status carries.
+#[derive(Clone, Debug, PartialEq)]
+pub(super) struct SessionDetail {
+    pub agent_version: Option<String>,
+    pub connected_since: SystemTime,
+    pub rtt_millis: Option<i64>,
+}
+
+impl SessionDetail {
+    pub(super) fn of(session: &Session) -> Self {
+        Self {
+            agent_version: session.hello().map(|h| h.agent_version),
+            connected_since: session.connected_since,
+            rtt_millis: session.rtt().map(|d| d.as_millis() as i64),
+        }
+    }
+}
+
+/// `cluster`'s availability as served by `replica`.
+pub(super) fn availability(
+    server: &Server,
+    replica: &str,
+    cluster: &str,
+    paused: bool,
+) -> Availability {
+    let connected = server.registry().is_connected(cluster);
+    let (status, reason, message) = match (connected, paused) {
+        (_, true) => (
+            "False",
+            "AgentPaused",
+            "the Agent is paused; its connections are refused".to_string(),
+        ),
+        (true, _) => (
+            "True",
+            "AgentConnected",
+            format!("the agent is connected to tower-server replica {replica}"),
+        ),
+        (false, _) => (
+            "False",
+            "AgentDisconnected",
+            "no agent is connected for this cluster; check the agent's logs in the member cluster"
+                .to_string(),
+        ),
+    };
+    Availability {
+        connected,
+        status,
+        reason,
+        message,
+    }
+}
+
+/// Writes the `AgentAvailable` condition when it changed.
+pub(super) async fn write_cluster_condition(
+    client: &kube::Client,
+    cluster: &Cluster,
+    available: &Availability,
+) -> kube::Result<()> {
+    let existing = cluster
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let Some(conditions) = merge_condition(
+        &existing,
+        CONDITION_AGENT_AVAILABLE,
+        available.status,
+        available.reason,
+        &available.message,
+    ) else {
+        return Ok(());
+    };
+    merge_status(
+        client,
+        cluster,
+        serde_json::json!({ "conditions": conditions }),
+    )
+    .await
+}
+
+/// The Agent's status after `old`: the `Connected` condition, the kubeconfig
+/// and, while connected, the session's detail.
+pub(super) fn agent_status(
+    old: AgentStatus,
+    available: &Availability,
+    session: Option<SessionDetail>,
+    replica: &str,
+    kubeconfig: Vec<u8>,
+) -> AgentStatus {
+    let mut new = AgentStatus {
+        conditions: merge_condition(
+            &old.conditions,
+            CONDITION_CONNECTED,
+            available.status,
+            available.reason,
+            &available.message,
+        )
+        .unwrap_or_else(|| old.conditions.clone()),
+        kubeconfig: Some(ByteString(kubeconfig)),
+        ..Default::default()
+    };
+    let Some(s) = session else {
+        new.last_heartbeat = old.last_heartbeat;
+        new.agent_version = old.agent_version;
+        return new;
+    };
+    new.agent_version = s.agent_version;
+    new.connected_since = Some(time(s.connected_since));
+    new.serving_replica = Some(replica.to_string());
+    // Heartbeats are recorded when the connection changes, not on every
+    // keepalive, so that a quiet cluster causes no writes; the same goes for
+    // the RTT once known.
+    let same_connection = old.connected_since == new.connected_since;
+    new.last_heartbeat = if same_connection {
+        old.last_heartbeat
+    } else {
+        Some(time(SystemTime::now()))
+    };
+    new.rtt_millis = if same_connection && old.rtt_millis.is_some() {
+        old.rtt_millis
+    } else {
+        s.rtt_millis
+    };
+    new
+}
+
+/// Writes `new` as the Agent's status when it differs.
+pub(super) async fn write_agent_status(
+    client: &kube::Client,
+    agent: &Agent,
+    new: AgentStatus,
+) -> kube::Result<()> {
+    if agent.status.clone().unwrap_or_default() == new {
+        return Ok(());
+    }
+    merge_status(client, agent, serde_json::json!(new)).await
+}
+
+/// A merge patch of `object`'s `/status`, guarded by the resourceVersion it
+/// was read at.
+async fn merge_status<K>(
+    client: &kube::Client,
+    object: &K,
+    status: serde_json::Value,
+) -> kube::Result<()>
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": object.resource_version() },
+        "status": status,
+    });
+    Api::<K>::all(client.clone())
+        .patch_status(
+            &object.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?;
+    Ok(())
+}
+
+/// `existing` with condition `type_` set; `None` when nothing would change.
+fn merge_condition(
+    existing: &[Condition],
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+) -> Option<Vec<Condition>> {
+    let now = time(SystemTime::now());
+    let mut out = existing.to_vec();
+    match out.iter_mut().find(|c| c.type_ == type_) {
+        Some(c)
+            if c.status == status
+                && c.reason.as_deref() == Some(reason)
+                && c.message.as_deref() == Some(message) =>
+        {
+            return None;
+        }
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Some(now.clone());
+            }
+            c.status = status.into();
+            c.reason = Some(reason.into());
+            c.message = Some(message.into());
+            c.last_update_time = Some(now);
+        }
+        None => out.push(Condition {
+            type_: type_.into(),
+            status: status.into(),
+            last_update_time: Some(now.clone()),
+            last_transition_time: Some(now),
+            reason: Some(reason.into()),
+            message: Some(message.into()),
+        }),
+    }
+    Some(out)
+}
+
+fn time(t: SystemTime) -> Time {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs() as i64;
+    Time(Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::controller::testing::{
+        Mock, agent_with_token_ref, proxy_cluster, test_server,
+    };
+
+    #[test]
+    fn merge_condition_writes_only_changes() {
+        let first = merge_condition(&[], "AgentAvailable", "True", "AgentConnected", "ok").unwrap();
+        assert_eq!(first.len(), 1);
+        assert!(
+            merge_condition(&first, "AgentAvailable", "True", "AgentConnected", "ok").is_none()
+        );
+        let other = Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        };
+        let mut with_other = first.clone();
+        with_other.push(other.clone());
+        let flipped = merge_condition(
+            &with_other,
+            "AgentAvailable",
+            "False",
+            "AgentDisconnected",
+            "gone",
+        )
+        .unwrap();
+        assert_eq!(flipped.len(), 2, "other conditions are kept");
+        assert!(flipped.contains(&other));
+    }
+
+    #[test]
+    fn availability_without_a_session_and_when_paused() {
+        let (server, _dir) = test_server();
+        let gone = availability(&server, "tower-0", "gondor", false);
+        assert_eq!(
+            (gone.connected, gone.status, gone.reason),
+            (false, "False", "AgentDisconnected")
+        );
+        let paused = availability(&server, "tower-0", "gondor", true);
+        assert_eq!((paused.status, paused.reason), ("False", "AgentPaused"));
+        assert_eq!(
+            paused.message,
+            "the Agent is paused; its connections are refused"
+        );
+    }
+
+    fn connected() -> Availability {
+        Availability {
+            connected: true,
+            status: "True",
+            reason: "AgentConnected",
+            message: "the agent is connected to tower-server replica tower-0".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn cluster_condition_is_a_merge_patch_on_status_guarded_by_resource_version() {
+        let mock = Mock::new();
+        let mut cluster = proxy_cluster("gondor", Some("cluster-token-0123456789"));
+        cluster.metadata.resource_version = Some("42".into());
+        let available = connected();
+        let (done, ()) = tokio::join!(
+            write_cluster_condition(&mock.client, &cluster, &available),
+            async {
+                let req = mock.next().await;
+                req.assert_status_merge(
+                    "/apis/cluster.kubesphere.io/v1alpha1/clusters/gondor/status",
+                    Some("42"),
+                );
+                let c = &req.body["status"]["conditions"][0];
+                assert_eq!(c["type"], "AgentAvailable");
+                assert_eq!(c["status"], "True");
+                assert_eq!(c["reason"], "AgentConnected");
+                assert_eq!(
+                    c["message"],
+                    "the agent is connected to tower-server replica tower-0"
+                );
+                assert_eq!(
+                    req.body["status"].as_object().unwrap().len(),
+                    1,
+                    "only conditions"
+                );
+                req.reply(200, &cluster);
+            }
+        );
+        done.unwrap();
+        // Once the condition is there, nothing is written.
+        let conditions = merge_condition(
+            &[],
+            CONDITION_AGENT_AVAILABLE,
+            "True",
+            "AgentConnected",
+            &connected().message,
+        )
+        .unwrap();
+        cluster.status = Some(crate::kube::crd::ClusterStatus {
+            conditions,
+            ..Default::default()
+        });
+        write_cluster_condition(&mock.client, &cluster, &connected())
+            .await
+            .unwrap();
+        mock.assert_quiet().await;
+    }
+
+    #[test]
+    fn agent_status_keeps_heartbeat_and_rtt_while_the_connection_is_the_same() {
+        let since = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        let session = SessionDetail {
+            agent_version: Some("1.2.3".into()),
+            connected_since: since,
+            rtt_millis: Some(7),
+        };
+        let first = agent_status(
+            AgentStatus::default(),
+            &connected(),
+            Some(session.clone()),
+            "tower-0",
+            b"kc".to_vec(),
+        );
+        assert_eq!(first.agent_version.as_deref(), Some("1.2.3"));
+        assert_eq!(first.serving_replica.as_deref(), Some("tower-0"));
+        assert_eq!(first.rtt_millis, Some(7));
+        assert_eq!(first.connected_since, Some(time(since)));
+        assert!(first.last_heartbeat.is_some());
+        assert_eq!(first.conditions[0].type_, CONDITION_CONNECTED);
+        let later = SessionDetail {
+            rtt_millis: Some(9),
+            ..session
+        };
+        let again = agent_status(
+            first.clone(),
+            &connected(),
+            Some(later),
+            "tower-0",
+            b"kc".to_vec(),
+        );
+        assert_eq!(again, first, "a quiet connection changes nothing");
+        let (server, _dir) = test_server();
+        let gone = agent_status(
+            first.clone(),
+            &availability(&server, "tower-0", "gondor", false),
+            None,
+            "tower-0",
+            b"kc".to_vec(),
+        );
+        assert_eq!(gone.agent_version, first.agent_version);
+        assert_eq!(gone.last_heartbeat, first.last_heartbeat);
+        assert_eq!(gone.connected_since, None);
+        assert_eq!(gone.serving_replica, None);
+        assert_eq!(
+            gone.conditions[0].reason.as_deref(),
+            Some("AgentDisconnected")
+        );
+    }
+
+    #[tokio::test]
+    async fn agent_status_is_a_merge_patch_on_status_written_only_on_change() {
+        let mock = Mock::new();
+        let mut agent = agent_with_token_ref("gondor", "tower-tokens", "agent-tokens", false);
+        agent.metadata.resource_version = Some("7".into());
+        let new = agent_status(
+            AgentStatus::default(),
+            &connected(),
+            None,
+            "tower-0",
+            b"kc".to_vec(),
+        );
+        let (done, ()) = tokio::join!(
+            write_agent_status(&mock.client, &agent, new.clone()),
+            async {
+                let req = mock.next().await;
+                req.assert_status_merge(
+                    "/apis/tower.kubesphere.io/v1alpha1/agents/gondor/status",
+                    Some("7"),
+                );
+                assert_eq!(req.body["status"], serde_json::to_value(&new).unwrap());
+                assert_eq!(req.body["status"]["kubeconfig"], "a2M=");
+                req.reply(200, &agent);
+            }
+        );
+        done.unwrap();
+        agent.status = Some(new.clone());
+        write_agent_status(&mock.client, &agent, new).await.unwrap();
+        mock.assert_quiet().await;
+    }
+}
