@@ -23,11 +23,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower_agent::{AgentStatus, TokenSource, UpstreamConfig};
-use tower_proto::JoinToken;
 use tower_proto::names::UPSTREAM_KS_APISERVER;
 use tower_tests::fixture::http::{body_json, get_h1 as req, get_h2 as req_h2, next_data};
 use tower_tests::fixture::{
-    self, HttpsUpstream, ServerProcess, TowerAgent, TowerServer, Tunnel, agent_credential,
+    self, HttpsUpstream, Member, ServerProcess, TowerAgent, TowerServer, Tunnel, agent_credential,
     fd_count, gateway_h1, gateway_h2, kube_upstream, raw,
 };
 use tower_tests::testbed::{self, ControlPlane, Testbed};
@@ -70,10 +69,12 @@ async fn start_env() -> anyhow::Result<Env> {
 }
 
 impl Env {
-    /// An in-process agent with `token` serving the member.
-    fn agent(&self, token: &JoinToken) -> TowerAgent {
-        let token = TokenSource::Literal(token.encode());
-        TowerAgent::start(token, &self.member, &self.sa_token_file).unwrap()
+    /// The member and the agent's credential on it.
+    fn on_member(&self) -> Member<'_> {
+        Member {
+            cluster: &self.member,
+            sa_token_file: &self.sa_token_file,
+        }
     }
 }
 
@@ -631,7 +632,7 @@ async fn a_client_certificate_is_bound_to_its_cluster_when_configured() {
         let mut agents = Vec::new();
         for cluster in ["east", "west"] {
             let token = server.mint(cluster, None).unwrap();
-            agents.push(env.agent(&token));
+            agents.push(env.on_member().agent(&token).unwrap());
             assert!(
                 server
                     .wait_connected(cluster, true, Duration::from_secs(20))
@@ -813,13 +814,10 @@ async fn ssh_flood_keeps_resources_bounded_and_agents_get_in() {
     let mut peak = server.fds();
     // A legitimate agent arrives in the middle of the flood.
     let started = Instant::now();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     let mut got_in = None;
     while started.elapsed() < Duration::from_secs(20) {
         peak = peak.max(server.fds());
@@ -1084,8 +1082,7 @@ async fn refusals_tell_an_anonymous_peer_nothing() {
     let token_file = dir.path().join("stale.token");
     std::fs::write(&token_file, expired.encode()).unwrap();
     let log = dir.path().join("agent-stale.log");
-    let _agent =
-        fixture::spawn_agent_process(&token_file, &env.member, &env.sa_token_file, &log).unwrap();
+    let _agent = env.on_member().agent_process(&token_file, &log).unwrap();
     let start = Instant::now();
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -1366,13 +1363,10 @@ async fn logs_hold_no_secret() {
     run_towerctl(&["kubeconfig", "vault", "--gateway-url", "https://127.0.0.1"]);
     let token_file = dir.path().join("vault.token");
     std::fs::write(&token_file, minted.encode()).unwrap();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent-vault.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent-vault.log"))
+        .unwrap();
     let id = server.identity("vault").unwrap();
     let ca = server.ca_pem().to_string();
     let start = Instant::now();
@@ -1403,15 +1397,8 @@ async fn logs_hold_no_secret() {
     for (name, t) in [("wrong", &wrong), ("expired", &expired)] {
         let f = dir.path().join(format!("{name}.token"));
         std::fs::write(&f, t.encode()).unwrap();
-        refused.push(
-            fixture::spawn_agent_process(
-                &f,
-                &env.member,
-                &env.sa_token_file,
-                &dir.path().join(format!("agent-{name}.log")),
-            )
-            .unwrap(),
-        );
+        let log = dir.path().join(format!("agent-{name}.log"));
+        refused.push(env.on_member().agent_process(&f, &log).unwrap());
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     run_towerctl(&["revoke", "vault"]);

@@ -90,6 +90,16 @@ async fn join(env: &Env, name: &str) -> (Client, Process) {
     (client, agent)
 }
 
+/// Whether Cluster `name` gets a kubeconfig in its connection within 15 s.
+async fn kubeconfig_written(client: &Client, name: &str) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        let c = cluster(client, name).await?;
+        c.spec.connection?.kubeconfig.map(|_| ())
+    })
+    .await
+    .is_some()
+}
+
 /// Creates `c` on the host.
 async fn create_cluster(client: &Client, c: &Cluster) {
     Api::<Cluster>::all(client.clone())
@@ -696,12 +706,10 @@ async fn lease_elects_one_writer_and_fails_over() {
         }
     };
     join("ha-one").await;
-    let written = eventually(Duration::from_secs(15), || async {
-        let c = cluster(&client, "ha-one").await?;
-        c.spec.connection?.kubeconfig.map(|_| ())
-    })
-    .await;
-    assert!(written.is_some(), "the leader did not write");
+    assert!(
+        kubeconfig_written(&client, "ha-one").await,
+        "the leader did not write"
+    );
     // Stop the leader; the other takes over within the lease duration.
     let stopped = Instant::now();
     if first == "replica-a" {
@@ -719,10 +727,8 @@ async fn lease_elects_one_writer_and_fails_over() {
         stopped.elapsed()
     );
     join("ha-two").await;
-    let written = eventually(Duration::from_secs(15), || async {
-        let c = cluster(&client, "ha-two").await?;
-        c.spec.connection?.kubeconfig.map(|_| ())
-    })
-    .await;
-    assert!(written.is_some(), "the new leader did not write");
+    assert!(
+        kubeconfig_written(&client, "ha-two").await,
+        "the new leader did not write"
+    );
 }

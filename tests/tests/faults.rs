@@ -19,14 +19,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tower_agent::{AgentStatus, TokenSource};
-use tower_proto::JoinToken;
+use tower_agent::AgentStatus;
 use tower_tests::fixture::http::{
     Ending, assert_answers, assert_status, finish, get_h1 as get, get_h2, read_some, status_of,
     stream_h1, until_ok, watch_namespaces,
 };
 use tower_tests::fixture::{
-    self, ConfigMaps, ServerProcess, TEST_KEEPALIVE, TEST_KEEPALIVE_MAX, TowerAgent, TowerServer,
+    self, ConfigMaps, Member, ServerProcess, TEST_KEEPALIVE, TEST_KEEPALIVE_MAX, TowerServer,
     Tunnel, agent_credential, gateway_h1, gateway_h2, kube_upstream, raw,
 };
 use tower_tests::testbed::{ControlPlane, Testbed};
@@ -82,15 +81,17 @@ async fn start_env() -> anyhow::Result<Env> {
 }
 
 impl Env {
-    /// An in-process agent with `token` serving the member.
-    fn agent(&self, token: &JoinToken) -> TowerAgent {
-        let token = TokenSource::Literal(token.encode());
-        TowerAgent::start(token, &self.member, &self.sa_token_file).unwrap()
+    /// The member and the agent's credential on it.
+    fn on_member(&self) -> Member<'_> {
+        Member {
+            cluster: &self.member,
+            sa_token_file: &self.sa_token_file,
+        }
     }
 
     /// A server in `dir` and an in-process agent for `cluster` serving the member.
     async fn tunnel(&self, dir: &tempfile::TempDir, cluster: &str) -> Tunnel {
-        let upstreams = vec![kube_upstream(&self.member, &self.sa_token_file)];
+        let upstreams = vec![self.on_member().upstream()];
         Tunnel::start(dir.path(), cluster, upstreams).await.unwrap()
     }
 }
@@ -115,13 +116,10 @@ impl ProcessAgent {
             .unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-        let agent = fixture::spawn_agent_process(
-            &token_file,
-            &env.member,
-            &env.sa_token_file,
-            &dir.path().join("agent.log"),
-        )
-        .unwrap();
+        let agent = env
+            .on_member()
+            .agent_process(&token_file, &dir.path().join("agent.log"))
+            .unwrap();
         server
             .expect_connected(cluster, true, Duration::from_secs(20))
             .await
@@ -337,13 +335,10 @@ async fn agent_kill9_mid_watch_then_a_new_agent_serves() {
 
     // A new agent process: service and watches are back.
     let started = Instant::now();
-    let _agent = fixture::spawn_agent_process(
-        &dir.path().join("token"),
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent2.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&dir.path().join("token"), &dir.path().join("agent2.log"))
+        .unwrap();
     let back = until_ok(
         server.gateway_addr,
         &ca,
@@ -427,7 +422,7 @@ async fn agent_restart_while_requests_flow() {
     let gone = stopped.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    let _agent = env.agent(&token);
+    let _agent = env.on_member().agent(&token).unwrap();
     assert!(
         server
             .wait_connected(cluster, true, Duration::from_secs(10))
@@ -466,13 +461,10 @@ async fn server_kill9_and_restart() {
     let cluster = "phoenix";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     let id = server.identity(cluster).unwrap();
     let ca = server.ca_pem().to_string();
     let gw = server.gateway_addr;

@@ -18,8 +18,8 @@ use tower_proto::JoinToken;
 use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 use tower_tests::fixture::http::{assert_status, get_h1};
 use tower_tests::fixture::{
-    self, HttpsUpstream, TowerAgent, TowerServer, agent_credential, identity_from_kubeconfig,
-    kube_upstream, kubectl, raw,
+    self, HttpsUpstream, Member, TowerAgent, TowerServer, agent_credential,
+    identity_from_kubeconfig, kube_upstream, kubectl, raw,
 };
 use tower_tests::testbed::{self, ControlPlane, Testbed};
 
@@ -79,10 +79,12 @@ async fn start_env() -> anyhow::Result<Env> {
 }
 
 impl Env {
-    /// An in-process agent with `token` serving the member.
-    fn agent(&self, token: &JoinToken) -> TowerAgent {
-        let token = TokenSource::Literal(token.encode());
-        TowerAgent::start(token, &self.member, &self.sa_token_file).unwrap()
+    /// The member and the agent's credential on it.
+    fn on_member(&self) -> Member<'_> {
+        Member {
+            cluster: &self.member,
+            sa_token_file: &self.sa_token_file,
+        }
     }
 }
 
@@ -409,7 +411,7 @@ async fn gateway_requires_a_tower_client_certificate() {
 /// Starts an agent of the shared environment with `token`; its error once it
 /// failed (10 s at most).
 async fn failed_agent(token: &JoinToken) -> (TowerAgent, String) {
-    let agent = env().agent(token);
+    let agent = env().on_member().agent(token).unwrap();
     let status = agent
         .wait_status(Duration::from_secs(10), |s| {
             matches!(s, AgentStatus::Failed(_))
@@ -453,7 +455,7 @@ async fn wrong_expired_and_revoked_tokens_are_refused() {
 
     // Revoked while connected: the session ends within 5 s.
     let token = env.server.mint("erebor", None).unwrap();
-    let agent = env.agent(&token);
+    let agent = env.on_member().agent(&token).unwrap();
     assert!(
         env.server
             .wait_connected("erebor", true, Duration::from_secs(10))
@@ -490,7 +492,7 @@ async fn agent_refuses_names_outside_its_allow_list() {
     let env = env();
     let token = env.server.mint("lorien", None).unwrap();
     // This agent serves kube-apiserver only.
-    let agent = env.agent(&token);
+    let agent = env.on_member().agent(&token).unwrap();
     assert!(
         env.server
             .wait_connected("lorien", true, Duration::from_secs(10))
@@ -666,13 +668,10 @@ async fn liveness_kill_restart_and_in_flight() {
     let kubeconfig = server.kubeconfig_file("ithilien").unwrap();
 
     // A real agent process.
-    let mut agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let mut agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     assert!(
         server
             .wait_connected("ithilien", true, Duration::from_secs(20))
@@ -728,13 +727,10 @@ async fn liveness_kill_restart_and_in_flight() {
     assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
 
     // The agent comes back; then the server restarts and the agent returns within 5 s.
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent2.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent2.log"))
+        .unwrap();
     assert!(
         server
             .wait_connected("ithilien", true, Duration::from_secs(20))
@@ -919,13 +915,10 @@ async fn towerctl_mints_lists_and_revokes() {
 
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &token).unwrap();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     assert!(
         env.server
             .wait_connected("mirkwood", true, Duration::from_secs(20))
@@ -988,7 +981,7 @@ async fn operations_endpoints_report_health_and_metrics() {
         async move { s.serve_ops(ops, sd).await }
     });
     let token = server.mint("osgiliath", None).unwrap();
-    let agent = env.agent(&token);
+    let agent = env.on_member().agent(&token).unwrap();
     let agent_ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_ops = agent_ops_listener.local_addr().unwrap();
     tokio::spawn({
@@ -1005,7 +998,7 @@ async fn operations_endpoints_report_health_and_metrics() {
     // One refused authentication.
     let mut bad = server.mint("osgiliath-2", None).unwrap();
     bad.secret = tower_proto::Secret::generate();
-    let refused = env.agent(&bad);
+    let refused = env.on_member().agent(&bad).unwrap();
     refused
         .wait_status(Duration::from_secs(5), |s| {
             matches!(s, AgentStatus::Failed(_))
