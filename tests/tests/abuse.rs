@@ -11,13 +11,12 @@
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -25,9 +24,10 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tower_agent::{AgentStatus, TokenSource, UpstreamConfig};
 use tower_proto::names::UPSTREAM_KS_APISERVER;
+use tower_tests::fixture::http::{body_json, get_h1 as req, get_h2 as req_h2, next_data};
 use tower_tests::fixture::{
-    self, EchoUpstream, ServerProcess, TowerAgent, TowerServer, agent_credential, fd_count,
-    gateway_h1, gateway_h2, kube_upstream, raw,
+    self, HttpsUpstream, Member, ServerProcess, TowerAgent, TowerServer, Tunnel, agent_credential,
+    fd_count, gateway_h1, gateway_h2, kube_upstream, raw,
 };
 use tower_tests::testbed::{self, ControlPlane, Testbed};
 
@@ -40,32 +40,22 @@ struct Env {
     member: ControlPlane,
     sa_token: String,
     sa_token_file: PathBuf,
-    echo: EchoUpstream,
-    dump: HeaderDump,
+    echo: HttpsUpstream,
+    dump: HttpsUpstream,
     _dir: tempfile::TempDir,
 }
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    fixture::shared_env(&ENV, "abuse", start_env)
-}
+tower_tests::shared_env!(Env, "abuse", start_env);
 
 async fn start_env() -> anyhow::Result<Env> {
     let started = Instant::now();
-    let bed = Testbed::start().await?;
-    fixture::log_to_file(&bed.dir().join("tower-abuse.log"));
+    let bed = fixture::start_logged_bed("tower-abuse.log").await?;
     let member = bed.cluster("member").await?;
-    // Build the binaries now, not inside a timed section of some test.
-    tokio::task::spawn_blocking(|| {
-        fixture::agent_bin();
-        fixture::workspace_bin("tower-server", "tower-server");
-        fixture::workspace_bin("tower-server", "towerctl");
-    })
-    .await?;
+    fixture::build_binaries().await?;
     let dir = tempfile::tempdir()?;
     let (sa_token, sa_token_file) = agent_credential(&member, dir.path()).await?;
-    let echo = EchoUpstream::start(dir.path()).await?;
-    let dump = HeaderDump::start(dir.path()).await?;
+    let echo = HttpsUpstream::echo(dir.path()).await?;
+    let dump = HttpsUpstream::header_dump(dir.path()).await?;
     eprintln!("abuse env ready in {:.2?}", started.elapsed());
     Ok(Env {
         _bed: bed,
@@ -78,90 +68,17 @@ async fn start_env() -> anyhow::Result<Env> {
     })
 }
 
-// === helpers ===
-
-/// An HTTPS upstream that answers every request with all the headers it got,
-/// as JSON `{"path": …, "headers": {name: [values]}}`.
-struct HeaderDump {
-    url: String,
-    ca_file: PathBuf,
-    stop: CancellationToken,
-}
-
-impl HeaderDump {
-    async fn start(dir: &Path) -> anyhow::Result<Self> {
-        testbed::install_crypto_provider();
-        let ca = tower_certs::Ca::generate("dump-ca")?;
-        let serving = ca.issue_server(&["127.0.0.1"], Duration::from_secs(3600))?;
-        let ca_file = dir.join("dump-ca.crt");
-        std::fs::write(&ca_file, ca.cert_pem())?;
-        let tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                tower_certs::parse_certs(&serving.cert_pem)?,
-                tower_certs::parse_key(&serving.key_pem)?,
-            )?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let url = format!("https://{}", listener.local_addr()?);
-        let stop = CancellationToken::new();
-        let cancelled = stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let (sock, _) = tokio::select! {
-                    _ = cancelled.cancelled() => return,
-                    a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
-                };
-                let acceptor = acceptor.clone();
-                tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(sock).await else {
-                        return;
-                    };
-                    let svc = hyper::service::service_fn(
-                        |req: hyper::Request<Incoming>| async move {
-                            let mut headers = serde_json::Map::new();
-                            for (name, value) in req.headers() {
-                                let entry = headers
-                                    .entry(name.as_str().to_string())
-                                    .or_insert_with(|| serde_json::Value::Array(vec![]));
-                                if let serde_json::Value::Array(values) = entry {
-                                    values.push(String::from_utf8_lossy(value.as_bytes()).into());
-                                }
-                            }
-                            let info = serde_json::json!({
-                                "path": req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/"),
-                                "headers": headers,
-                            });
-                            Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(
-                                Bytes::from(info.to_string()),
-                            )))
-                        },
-                    );
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .max_buf_size(2 * 1024 * 1024)
-                        .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
-                        .await;
-                });
-            }
-        });
-        Ok(Self { url, ca_file, stop })
-    }
-
-    fn upstream(&self, name: &str, token_file: &Path) -> UpstreamConfig {
-        UpstreamConfig {
-            name: name.into(),
-            url: self.url.clone(),
-            ca_file: Some(self.ca_file.clone()),
-            token_file: Some(token_file.to_path_buf()),
+impl Env {
+    /// The member and the agent's credential on it.
+    fn on_member(&self) -> Member<'_> {
+        Member {
+            cluster: &self.member,
+            sa_token_file: &self.sa_token_file,
         }
     }
 }
 
-impl Drop for HeaderDump {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
+// === helpers ===
 
 /// A server (with `configure` applied) and an in-process agent for `cluster`
 /// serving the member's kube-apiserver and `ks` as ks-apiserver.
@@ -169,44 +86,27 @@ async fn tunnel(
     dir: &Path,
     cluster: &str,
     ks: UpstreamConfig,
-    configure: impl FnOnce(&mut tower_server::ServerConfig),
-) -> (TowerServer, TowerAgent) {
+    configure: impl FnOnce(&mut fixture::ServerConfig),
+) -> Tunnel {
     let env = env();
-    let server = TowerServer::start_configured(&dir.join("server"), configure)
+    let upstreams = vec![kube_upstream(&env.member, &env.sa_token_file), ks];
+    Tunnel::start_configured(dir, cluster, upstreams, configure)
         .await
-        .unwrap();
-    let token = server.mint(cluster, None).unwrap();
-    let agent = TowerAgent::start_with(
-        TokenSource::Literal(token.encode()),
-        vec![kube_upstream(&env.member, &env.sa_token_file), ks],
-    )
-    .unwrap();
-    assert!(
-        server
-            .wait_connected(cluster, true, Duration::from_secs(20))
-            .await,
-        "agent for {cluster} did not connect"
-    );
-    (server, agent)
-}
-
-fn req(path: &str) -> hyper::Request<Full<Bytes>> {
-    hyper::Request::get(path)
-        .header("host", "127.0.0.1")
-        .body(Full::new(Bytes::new()))
         .unwrap()
 }
 
-fn req_h2(path: &str) -> hyper::Request<Full<Bytes>> {
-    hyper::Request::get(format!("https://127.0.0.1{path}"))
-        .body(Full::new(Bytes::new()))
-        .unwrap()
-}
-
-async fn body_json(resp: hyper::Response<Incoming>) -> serde_json::Value {
-    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
-    serde_json::from_slice(&bytes)
-        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&bytes)))
+/// [`tunnel`] with the header dump as ks-apiserver and the test settings: the
+/// server, the agent, and the gateway's address, CA and client identity.
+async fn dump_tunnel(
+    dir: &Path,
+    cluster: &str,
+) -> (TowerServer, TowerAgent, SocketAddr, String, raw::Identity) {
+    let env = env();
+    let ks = env
+        .dump
+        .upstream(UPSTREAM_KS_APISERVER, Some(&env.sa_token_file));
+    let t = tunnel(dir, cluster, ks, |_| {}).await;
+    (t.server, t.agent, t.gw, t.ca, t.id)
 }
 
 /// Reads until the peer closes (EOF or error) or `limit`; returns what was
@@ -266,7 +166,14 @@ async fn gateway_handshakes_are_capped_per_source_and_clients_still_get_in() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();
     let cluster = "handshakes";
-    let (server, _agent) = tunnel(
+    let Tunnel {
+        server: _server,
+        agent: _agent,
+        gw,
+        ca,
+        id,
+        ..
+    } = tunnel(
         dir.path(),
         cluster,
         env.echo
@@ -278,7 +185,6 @@ async fn gateway_handshakes_are_capped_per_source_and_clients_still_get_in() {
         },
     )
     .await;
-    let gw = server.gateway_addr;
     // One source opens 6 connections and never starts TLS: 4 are held (until
     // the TLS timeout), the other 2 are closed at once.
     let mut flood = Vec::new();
@@ -305,8 +211,6 @@ async fn gateway_handshakes_are_capped_per_source_and_clients_still_get_in() {
         quiet.push(s);
     }
     // A real client still gets in: it takes the busiest source's oldest slot.
-    let ca = server.server.ca_pem().to_string();
-    let id = server.identity(cluster).unwrap();
     let started = Instant::now();
     let (status, body) = tokio::time::timeout(
         Duration::from_secs(10),
@@ -354,7 +258,14 @@ async fn slowloris_is_cut_but_watches_and_upgrades_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let timeout = Duration::from_secs(1);
     let cluster = "slowloris";
-    let (server, _agent) = tunnel(
+    let Tunnel {
+        server: _server,
+        agent: _agent,
+        gw,
+        ca,
+        id,
+        ..
+    } = tunnel(
         dir.path(),
         cluster,
         env.echo
@@ -365,9 +276,6 @@ async fn slowloris_is_cut_but_watches_and_upgrades_are_not() {
         },
     )
     .await;
-    let gw = server.gateway_addr;
-    let ca = server.server.ca_pem().to_string();
-    let id = server.identity(cluster).unwrap();
     let bound = timeout + Duration::from_millis(1500);
 
     // Anonymous: a TCP connection that never starts TLS is closed at the TLS timeout.
@@ -438,14 +346,7 @@ async fn slowloris_is_cut_but_watches_and_upgrades_are_not() {
     .unwrap();
     let mut seen = Vec::new();
     while !String::from_utf8_lossy(&seen).contains("after-the-timeout") {
-        let frame = tokio::time::timeout(Duration::from_secs(10), body.frame())
-            .await
-            .expect("the watch went silent")
-            .expect("the watch was closed")
-            .expect("the watch failed");
-        if let Ok(d) = frame.into_data() {
-            seen.extend_from_slice(&d);
-        }
+        seen.extend_from_slice(&next_data(&mut body, Duration::from_secs(10)).await);
     }
 
     // An upgraded stream idles past the timeout and still carries bytes.
@@ -482,19 +383,9 @@ async fn slowloris_is_cut_but_watches_and_upgrades_are_not() {
 async fn oversized_heads_get_clear_errors() {
     use tower_server::gateway::{MAX_HEADER_BYTES, MAX_HEADERS, MAX_URI_LEN};
     let _shared = MEASURE.read().await;
-    let env = env();
     let dir = tempfile::tempdir().unwrap();
     let cluster = "oversize";
-    let (server, _agent) = tunnel(
-        dir.path(),
-        cluster,
-        env.dump.upstream(UPSTREAM_KS_APISERVER, &env.sa_token_file),
-        |_| {},
-    )
-    .await;
-    let gw = server.gateway_addr;
-    let ca = server.server.ca_pem().to_string();
-    let id = server.identity(cluster).unwrap();
+    let (_server, _agent, gw, ca, id) = dump_tunnel(dir.path(), cluster).await;
     let base = format!("/kapis/clusters/{cluster}/dump");
 
     // HTTP/1.1: hyper answers 431 / 414 and closes.
@@ -591,16 +482,7 @@ async fn impersonation_headers_never_cross_the_tunnel() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();
     let cluster = "impostor";
-    let (server, _agent) = tunnel(
-        dir.path(),
-        cluster,
-        env.dump.upstream(UPSTREAM_KS_APISERVER, &env.sa_token_file),
-        |_| {},
-    )
-    .await;
-    let gw = server.gateway_addr;
-    let ca = server.server.ca_pem().to_string();
-    let id = server.identity(cluster).unwrap();
+    let (_server, _agent, gw, ca, id) = dump_tunnel(dir.path(), cluster).await;
     let impersonate = |r: &mut hyper::Request<Full<Bytes>>| {
         let h = r.headers_mut();
         h.insert("impersonate-user", "system:admin".parse().unwrap());
@@ -682,7 +564,11 @@ async fn impersonation_headers_never_cross_the_tunnel() {
 
     // The upgrade path (extended CONNECT inside the tunnel) strips them too.
     let echo_dir = tempfile::tempdir().unwrap();
-    let (server, _agent) = tunnel(
+    let Tunnel {
+        server,
+        agent: _agent,
+        ..
+    } = tunnel(
         echo_dir.path(),
         "impostor-up",
         env.echo
@@ -746,14 +632,7 @@ async fn a_client_certificate_is_bound_to_its_cluster_when_configured() {
         let mut agents = Vec::new();
         for cluster in ["east", "west"] {
             let token = server.mint(cluster, None).unwrap();
-            agents.push(
-                TowerAgent::start(
-                    TokenSource::Literal(token.encode()),
-                    &env.member,
-                    &env.sa_token_file,
-                )
-                .unwrap(),
-            );
+            agents.push(env.on_member().agent(&token).unwrap());
             assert!(
                 server
                     .wait_connected(cluster, true, Duration::from_secs(20))
@@ -810,7 +689,7 @@ async fn unauthenticated_ssh_connections_are_cut_at_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
     let deadline = Duration::from_secs(2);
     let cluster = "deadline";
-    let (server, agent) = tunnel(
+    let Tunnel { server, agent, .. } = tunnel(
         dir.path(),
         cluster,
         env.echo.upstream(UPSTREAM_KS_APISERVER, None),
@@ -935,13 +814,10 @@ async fn ssh_flood_keeps_resources_bounded_and_agents_get_in() {
     let mut peak = server.fds();
     // A legitimate agent arrives in the middle of the flood.
     let started = Instant::now();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     let mut got_in = None;
     while started.elapsed() < Duration::from_secs(20) {
         peak = peak.max(server.fds());
@@ -1024,8 +900,7 @@ struct SshClient {
 
 impl SshClient {
     fn new(server: &TowerServer, dir: &Path) -> Self {
-        let host_key =
-            std::fs::read_to_string(server.state_dir.join(tower_server::HOST_KEY_FILE)).unwrap();
+        let host_key = std::fs::read_to_string(fixture::host_key_file(&server.state_dir)).unwrap();
         let public = tower_certs::HostKey::from_openssh(&host_key)
             .unwrap()
             .public_key()
@@ -1207,8 +1082,7 @@ async fn refusals_tell_an_anonymous_peer_nothing() {
     let token_file = dir.path().join("stale.token");
     std::fs::write(&token_file, expired.encode()).unwrap();
     let log = dir.path().join("agent-stale.log");
-    let _agent =
-        fixture::spawn_agent_process(&token_file, &env.member, &env.sa_token_file, &log).unwrap();
+    let _agent = env.on_member().agent_process(&token_file, &log).unwrap();
     let start = Instant::now();
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
@@ -1469,7 +1343,7 @@ async fn logs_hold_no_secret() {
     let server = ServerProcess::start(&state, &dir.path().join("server.log"))
         .await
         .unwrap();
-    let towerctl = fixture::workspace_bin("tower-server", "towerctl");
+    let towerctl = fixture::workspace_bin("tower-server", "towerctl").unwrap();
     let mut towerctl_stderr = String::new();
     let mut run_towerctl = |args: &[&str]| {
         let out = std::process::Command::new(&towerctl)
@@ -1489,13 +1363,10 @@ async fn logs_hold_no_secret() {
     run_towerctl(&["kubeconfig", "vault", "--gateway-url", "https://127.0.0.1"]);
     let token_file = dir.path().join("vault.token");
     std::fs::write(&token_file, minted.encode()).unwrap();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent-vault.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent-vault.log"))
+        .unwrap();
     let id = server.identity("vault").unwrap();
     let ca = server.ca_pem().to_string();
     let start = Instant::now();
@@ -1526,15 +1397,8 @@ async fn logs_hold_no_secret() {
     for (name, t) in [("wrong", &wrong), ("expired", &expired)] {
         let f = dir.path().join(format!("{name}.token"));
         std::fs::write(&f, t.encode()).unwrap();
-        refused.push(
-            fixture::spawn_agent_process(
-                &f,
-                &env.member,
-                &env.sa_token_file,
-                &dir.path().join(format!("agent-{name}.log")),
-            )
-            .unwrap(),
-        );
+        let log = dir.path().join(format!("agent-{name}.log"));
+        refused.push(env.on_member().agent_process(&f, &log).unwrap());
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     run_towerctl(&["revoke", "vault"]);
@@ -1590,7 +1454,7 @@ async fn logs_hold_no_secret() {
     // Keys: host keys (the raw Ed25519 seed in the usual encodings, and the
     // file's lines), CAs, the kubeconfig client keys.
     for st in [&state, &inproc.state_dir] {
-        let host = std::fs::read_to_string(st.join(tower_server::HOST_KEY_FILE)).unwrap();
+        let host = std::fs::read_to_string(fixture::host_key_file(st)).unwrap();
         add("SSH host key", key_lines(&host));
         let key = tower_certs::HostKey::from_openssh(&host).unwrap();
         let seed = key

@@ -15,7 +15,6 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -106,6 +105,21 @@ fn realistic_join_token(cluster: &str) -> String {
     .encode()
 }
 
+/// Writes `status` through `name`'s status subresource; the object read back.
+async fn status_round_trip<K>(api: &Api<K>, name: &str, status: &impl serde::Serialize) -> K
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.patch_status(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(serde_json::json!({ "status": status })),
+    )
+    .await
+    .unwrap();
+    api.get(name).await.unwrap()
+}
+
 // === the shared test bed: a host and a member ===
 
 struct Env {
@@ -114,15 +128,11 @@ struct Env {
     member: ControlPlane,
 }
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    fixture::shared_env(&ENV, "charts", start_env)
-}
+tower_tests::shared_env!(Env, "charts", start_env);
 
 async fn start_env() -> anyhow::Result<Env> {
     let started = Instant::now();
-    let bed = Testbed::start().await?;
-    fixture::log_to_file(&bed.dir().join("tower-charts.log"));
+    let bed = fixture::start_logged_bed("tower-charts.log").await?;
     let mut clusters = bed.clusters(&["host", "member"]).await?;
     let member = clusters.pop().expect("member");
     let host = clusters.pop().expect("host");
@@ -306,7 +316,7 @@ fn chart_settings_are_the_binaries_flags() {
         ),
     ];
     for (bin, deployment) in cases {
-        let help = std::process::Command::new(fixture::workspace_bin(bin, bin))
+        let help = std::process::Command::new(fixture::workspace_bin(bin, bin).unwrap())
             .arg("--help")
             .output()
             .expect("running --help");
@@ -342,7 +352,7 @@ fn chart_settings_are_the_binaries_flags() {
 
 #[test]
 fn chart_crds_match_the_rust_types() {
-    let towerctl = fixture::workspace_bin("tower-server", "towerctl");
+    let towerctl = fixture::workspace_bin("tower-server", "towerctl").unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = std::process::Command::new(&towerctl)
         .args(["crds", "--output-dir"])
@@ -627,15 +637,7 @@ async fn chart_crds_serve_the_controllers_types() {
         configz: Some([("monitoring".to_string(), true)].into()),
         uid: Some("6f3c2a8e-0000-4000-8000-000000000001".into()),
     };
-    clusters
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await
-        .unwrap();
-    let got = clusters.get(name).await.unwrap();
+    let got = status_round_trip(&clusters, name, &status).await;
     assert_eq!(got.spec, spec, "Cluster spec fields were dropped");
     assert_eq!(
         got.status,
@@ -673,15 +675,7 @@ async fn chart_crds_serve_the_controllers_types() {
         rtt_millis: Some(7),
         serving_replica: Some("tower-server-0".into()),
     };
-    agents
-        .patch_status(
-            name,
-            &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({ "status": status })),
-        )
-        .await
-        .unwrap();
-    let got = agents.get(name).await.unwrap();
+    let got = status_round_trip(&agents, name, &status).await;
     assert_eq!(got.spec, spec, "Agent spec fields were dropped");
     assert_eq!(got.status, Some(status), "Agent status fields were dropped");
 
@@ -859,10 +853,8 @@ async fn server_runs_with_only_the_charts_rbac() {
     let ssh_addr = ssh.local_addr().unwrap();
     let gateway_addr = gateway.local_addr().unwrap();
     let ops_addr = ops.local_addr().unwrap();
-    let mut config = tower_server::ServerConfig::new(
-        dir.path().join("state"),
-        format!("https://{gateway_addr}"),
-    );
+    let mut config =
+        fixture::ServerConfig::new(dir.path().join("state"), format!("https://{gateway_addr}"));
     config.store_poll = Duration::from_millis(250);
     let replica = "tower-server-rbac-0";
     let mut ctrl = ControllerConfig::new(SERVER_NS, replica);

@@ -4,7 +4,6 @@
 //! next to a member cluster.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -17,6 +16,8 @@ use tower_server::crd::{Agent, Cluster, ClusterSpec, Connection};
 use tower_tests::fixture::{self, KubeTowerServer, agent_credential, eventually};
 use tower_tests::testbed::{ControlPlane, Process, Testbed};
 
+tower_tests::shared_env!(Env, "control-plane", start_env);
+
 struct Env {
     bed: Testbed,
     host: ControlPlane,
@@ -26,14 +27,8 @@ struct Env {
     dir: tempfile::TempDir,
 }
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    fixture::shared_env(&ENV, "control-plane", start_env)
-}
-
 async fn start_env() -> anyhow::Result<Env> {
-    let bed = Testbed::start().await?;
-    fixture::log_to_file(&bed.dir().join("tower-e2e.log"));
+    let bed = fixture::start_logged_bed("tower-e2e.log").await?;
     let mut clusters = bed.clusters(&["host", "member"]).await?;
     let member = clusters.pop().expect("member");
     let host = clusters.pop().expect("host");
@@ -60,13 +55,14 @@ async fn start_env() -> anyhow::Result<Env> {
 }
 
 fn towerctl(env: &Env, args: &[&str]) -> (bool, String, String) {
-    let out = std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl"))
-        .arg("--kubeconfig")
-        .arg(env.host.admin_kubeconfig())
-        .args(args)
-        .env_remove("TOWER_STATE_DIR")
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl").unwrap())
+            .arg("--kubeconfig")
+            .arg(env.host.admin_kubeconfig())
+            .args(args)
+            .env_remove("TOWER_STATE_DIR")
+            .output()
+            .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).to_string(),
@@ -83,6 +79,35 @@ async fn cluster(client: &Client, name: &str) -> Option<Cluster> {
 }
 
 /// Waits until the Cluster's AgentAvailable condition has `status`; returns it.
+/// Joins `name` with towerctl and starts its agent; waits for the Cluster to be
+/// available. A client of the host, and the agent.
+async fn join(env: &Env, name: &str) -> (Client, Process) {
+    let client = env.host.client().await.unwrap();
+    let (ok, out, err) = towerctl(env, &["join", name]);
+    assert!(ok, "{err}");
+    let agent = spawn_agent(env, &join_token_from_helm_line(&out), name);
+    wait_available(&client, name, "True", Duration::from_secs(20)).await;
+    (client, agent)
+}
+
+/// Whether Cluster `name` gets a kubeconfig in its connection within 15 s.
+async fn kubeconfig_written(client: &Client, name: &str) -> bool {
+    eventually(Duration::from_secs(15), || async {
+        let c = cluster(client, name).await?;
+        c.spec.connection?.kubeconfig.map(|_| ())
+    })
+    .await
+    .is_some()
+}
+
+/// Creates `c` on the host.
+async fn create_cluster(client: &Client, c: &Cluster) {
+    Api::<Cluster>::all(client.clone())
+        .create(&PostParams::default(), c)
+        .await
+        .unwrap();
+}
+
 async fn wait_available(client: &Client, name: &str, status: &str, timeout: Duration) -> Cluster {
     let found = eventually(timeout, || async {
         let c = cluster(client, name).await?;
@@ -261,10 +286,7 @@ async fn kubesphere_console_flow() {
             ..Default::default()
         },
     );
-    Api::<Cluster>::all(client.clone())
-        .create(&PostParams::default(), &c)
-        .await
-        .unwrap();
+    create_cluster(&client, &c).await;
     let c = wait_available(&client, "lothlorien", "False", Duration::from_secs(15)).await;
     let conn = c.spec.connection.clone().unwrap();
     assert!(conn.kubeconfig.is_some(), "kubeconfig written");
@@ -433,10 +455,7 @@ async fn direct_and_proxy_clusters_behave_the_same() {
             ..Default::default()
         },
     );
-    Api::<Cluster>::all(client.clone())
-        .create(&PostParams::default(), &direct)
-        .await
-        .unwrap();
+    create_cluster(&client, &direct).await;
     // A proxy Cluster for the same member, joined with towerctl.
     let (ok, out, err) = towerctl(env, &["join", "proxy-member"]);
     assert!(ok, "{err}");
@@ -477,54 +496,43 @@ async fn direct_and_proxy_clusters_behave_the_same() {
     );
 }
 
+/// Counts on `writes` every change that `api`'s watch of object "quiet" sees
+/// after resource version `rv0`.
+fn count_writes<K>(
+    api: Api<K>,
+    rv0: String,
+    writes: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    tokio::spawn(async move {
+        let cfg = watcher::Config::default().fields("metadata.name=quiet");
+        let s = watcher(api, cfg);
+        tokio::pin!(s);
+        while let Some(Ok(ev)) = s.next().await {
+            if let watcher::Event::Apply(o) | watcher::Event::InitApply(o) = ev
+                && o.resource_version() != Some(rv0.clone())
+            {
+                writes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_minute_writes_nothing() {
     let env = env();
-    let client = env.host.client().await.unwrap();
-    let (ok, out, err) = towerctl(env, &["join", "quiet"]);
-    assert!(ok, "{err}");
-    let _agent = spawn_agent(env, &join_token_from_helm_line(&out), "quiet");
-    wait_available(&client, "quiet", "True", Duration::from_secs(20)).await;
+    let (client, _agent) = join(env, "quiet").await;
     // Let the join settle, then count every write to this Cluster and Agent.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let rv = |o: Option<String>| o.unwrap_or_default();
     let c0 = rv(cluster(&client, "quiet").await.unwrap().resource_version());
     let agents: Api<Agent> = Api::all(client.clone());
     let a0 = rv(agents.get("quiet").await.unwrap().resource_version());
-    let count = |api_events: std::sync::Arc<std::sync::atomic::AtomicUsize>| api_events;
     let writes = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let w1 = count(writes.clone());
-    let w2 = count(writes.clone());
-    let cw = tokio::spawn({
-        let api: Api<Cluster> = Api::all(client.clone());
-        async move {
-            let cfg = watcher::Config::default().fields("metadata.name=quiet");
-            let s = watcher(api, cfg);
-            tokio::pin!(s);
-            while let Some(Ok(ev)) = s.next().await {
-                if let watcher::Event::Apply(c) | watcher::Event::InitApply(c) = ev
-                    && c.resource_version() != Some(c0.clone())
-                {
-                    w1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }
-    });
-    let aw = tokio::spawn({
-        let api = agents.clone();
-        async move {
-            let cfg = watcher::Config::default().fields("metadata.name=quiet");
-            let s = watcher(api, cfg);
-            tokio::pin!(s);
-            while let Some(Ok(ev)) = s.next().await {
-                if let watcher::Event::Apply(a) | watcher::Event::InitApply(a) = ev
-                    && a.resource_version() != Some(a0.clone())
-                {
-                    w2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                }
-            }
-        }
-    });
+    let cw = count_writes(Api::<Cluster>::all(client.clone()), c0, writes.clone());
+    let aw = count_writes(agents.clone(), a0, writes.clone());
     tokio::time::sleep(Duration::from_secs(60)).await;
     cw.abort();
     aw.abort();
@@ -536,11 +544,7 @@ async fn a_quiet_minute_writes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_the_agent_object_ends_the_session() {
     let env = env();
-    let client = env.host.client().await.unwrap();
-    let (ok, out, err) = towerctl(env, &["join", "moria"]);
-    assert!(ok, "{err}");
-    let _agent = spawn_agent(env, &join_token_from_helm_line(&out), "moria");
-    wait_available(&client, "moria", "True", Duration::from_secs(20)).await;
+    let (client, _agent) = join(env, "moria").await;
     let deleted = Instant::now();
     Api::<Agent>::all(client.clone())
         .delete("moria", &Default::default())
@@ -590,13 +594,14 @@ async fn kubeconfig_certificates_renew_without_reconnects() {
     })
     .await
     .expect("server info published");
-    let out = std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl"))
-        .arg("--kubeconfig")
-        .arg(host.admin_kubeconfig())
-        .args(["join", "edoras"])
-        .env_remove("TOWER_STATE_DIR")
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl").unwrap())
+            .arg("--kubeconfig")
+            .arg(host.admin_kubeconfig())
+            .args(["join", "edoras"])
+            .env_remove("TOWER_STATE_DIR")
+            .output()
+            .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -701,12 +706,10 @@ async fn lease_elects_one_writer_and_fails_over() {
         }
     };
     join("ha-one").await;
-    let written = eventually(Duration::from_secs(15), || async {
-        let c = cluster(&client, "ha-one").await?;
-        c.spec.connection?.kubeconfig.map(|_| ())
-    })
-    .await;
-    assert!(written.is_some(), "the leader did not write");
+    assert!(
+        kubeconfig_written(&client, "ha-one").await,
+        "the leader did not write"
+    );
     // Stop the leader; the other takes over within the lease duration.
     let stopped = Instant::now();
     if first == "replica-a" {
@@ -724,10 +727,8 @@ async fn lease_elects_one_writer_and_fails_over() {
         stopped.elapsed()
     );
     join("ha-two").await;
-    let written = eventually(Duration::from_secs(15), || async {
-        let c = cluster(&client, "ha-two").await?;
-        c.spec.connection?.kubeconfig.map(|_| ())
-    })
-    .await;
-    assert!(written.is_some(), "the new leader did not write");
+    assert!(
+        kubeconfig_written(&client, "ha-two").await,
+        "the new leader did not write"
+    );
 }

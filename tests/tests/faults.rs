@@ -10,23 +10,23 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use futures::StreamExt;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
-use kube::api::{Api, ObjectMeta, PostParams};
+use http_body_util::BodyExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tower_agent::{AgentStatus, TokenSource};
+use tower_agent::AgentStatus;
+use tower_tests::fixture::http::{
+    Ending, assert_answers, assert_status, finish, get_h1 as get, get_h2, read_some, status_of,
+    stream_h1, until_ok, watch_namespaces,
+};
 use tower_tests::fixture::{
-    self, ServerProcess, TEST_KEEPALIVE, TEST_KEEPALIVE_MAX, TowerAgent, TowerServer,
-    agent_credential, gateway_h1, gateway_h2, raw,
+    self, ConfigMaps, Member, ServerProcess, TEST_KEEPALIVE, TEST_KEEPALIVE_MAX, TowerServer,
+    Tunnel, agent_credential, gateway_h1, gateway_h2, kube_upstream, raw,
 };
 use tower_tests::testbed::{ControlPlane, Testbed};
 
@@ -47,63 +47,30 @@ fn keepalive_window() -> Duration {
     TEST_KEEPALIVE * (TEST_KEEPALIVE_MAX as u32 + 1)
 }
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    fixture::shared_env(&ENV, "faults", start_env)
-}
+tower_tests::shared_env!(Env, "faults", start_env);
 
 async fn start_env() -> anyhow::Result<Env> {
     let started = Instant::now();
-    let bed = Testbed::start().await?;
-    fixture::log_to_file(&bed.dir().join("tower-faults.log"));
+    let bed = fixture::start_logged_bed("tower-faults.log").await?;
     let member = bed.cluster("member").await?;
-    // Build the binaries now, not inside a timed section of some test.
-    tokio::task::spawn_blocking(|| {
-        fixture::agent_bin();
-        fixture::workspace_bin("tower-server", "tower-server");
-        fixture::workspace_bin("tower-server", "towerctl");
-    })
-    .await?;
+    fixture::build_binaries().await?;
     let dir = tempfile::tempdir()?;
     let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
     // The large LIST: 48 × 512 KiB, far more than every window and socket buffer
     // between apiserver and client.
     let client = member.client().await?;
-    let _ = Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &Namespace {
-                metadata: ObjectMeta {
-                    name: Some(BIG_NS.into()),
-                    ..Default::default()
-                },
-                ..Default::default()
-            },
-        )
-        .await?;
+    fixture::create_namespace(&client, BIG_NS, false).await?;
     let api: Api<ConfigMap> = Api::namespaced(client, BIG_NS);
-    let value = "f".repeat(BIG_ITEM);
-    futures::stream::iter(0..BIG_ITEMS)
-        .map(|i| {
-            let api = api.clone();
-            let value = value.clone();
-            async move {
-                let cm = ConfigMap {
-                    metadata: ObjectMeta {
-                        name: Some(format!("big-{i:03}")),
-                        ..Default::default()
-                    },
-                    data: Some([("v".to_string(), value)].into()),
-                    ..Default::default()
-                };
-                api.create(&PostParams::default(), &cm).await.map(|_| ())
-            }
-        })
-        .buffer_unordered(8)
-        .collect::<Vec<_>>()
-        .await
-        .into_iter()
-        .collect::<Result<Vec<_>, _>>()?;
+    ConfigMaps {
+        count: BIG_ITEMS,
+        name: &|i| format!("big-{i:03}"),
+        labels: &[],
+        value: &"f".repeat(BIG_ITEM),
+        concurrency: 8,
+        existing_ok: false,
+    }
+    .create(&api)
+    .await?;
     eprintln!("faults env ready in {:.2?}", started.elapsed());
     Ok(Env {
         bed,
@@ -113,111 +80,20 @@ async fn start_env() -> anyhow::Result<Env> {
     })
 }
 
-// === helpers ===
-
-fn get(path: &str) -> hyper::Request<Full<Bytes>> {
-    hyper::Request::get(path)
-        .header("host", "127.0.0.1")
-        .body(Full::new(Bytes::new()))
-        .expect("valid request")
-}
-
-fn get_h2(path: &str) -> hyper::Request<Full<Bytes>> {
-    hyper::Request::get(format!("https://127.0.0.1{path}"))
-        .body(Full::new(Bytes::new()))
-        .expect("valid request")
-}
-
-/// How a streamed body ended.
-#[derive(Debug)]
-enum Ending {
-    /// The body completed; carries every byte.
-    Complete(Vec<u8>),
-    /// The body failed after `n` bytes.
-    Error { bytes: usize, error: String },
-}
-
-/// Reads `body` to its end, keeping what came already.
-async fn finish(mut body: Incoming, mut got: Vec<u8>) -> Ending {
-    loop {
-        match body.frame().await {
-            None => return Ending::Complete(got),
-            Some(Err(e)) => {
-                return Ending::Error {
-                    bytes: got.len(),
-                    error: e.to_string(),
-                };
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    got.extend_from_slice(&data);
-                }
-            }
+impl Env {
+    /// The member and the agent's credential on it.
+    fn on_member(&self) -> Member<'_> {
+        Member {
+            cluster: &self.member,
+            sa_token_file: &self.sa_token_file,
         }
     }
-}
 
-/// Reads from `body` until `at_least` bytes (or `needle`) arrived.
-async fn read_some(body: &mut Incoming, at_least: usize, needle: Option<&str>) -> Vec<u8> {
-    let mut got = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if got.len() >= at_least && needle.is_none_or(|n| String::from_utf8_lossy(&got).contains(n))
-        {
-            return got;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} bytes within 20s",
-            got.len()
-        );
-        let frame = tokio::time::timeout(Duration::from_secs(20), body.frame())
-            .await
-            .expect("body stalled")
-            .expect("body ended early")
-            .expect("body failed early");
-        if let Ok(data) = frame.into_data() {
-            got.extend_from_slice(&data);
-        }
+    /// A server in `dir` and an in-process agent for `cluster` serving the member.
+    async fn tunnel(&self, dir: &tempfile::TempDir, cluster: &str) -> Tunnel {
+        let upstreams = vec![self.on_member().upstream()];
+        Tunnel::start(dir.path(), cluster, upstreams).await.unwrap()
     }
-}
-
-/// One GET over a fresh HTTP/1.1 connection, bounded: status and body.
-async fn status_of(addr: SocketAddr, ca: &str, id: &raw::Identity, path: &str) -> (u16, Bytes) {
-    tokio::time::timeout(Duration::from_secs(15), raw::get(addr, ca, id, path))
-        .await
-        .unwrap_or_else(|_| panic!("GET {path} hung for 15s"))
-        .unwrap_or_else(|e| panic!("GET {path}: {e:#}"))
-}
-
-fn assert_status(body: &[u8], code: u16, reason: &str) {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
-    assert_eq!(v["kind"], "Status", "{v}");
-    assert_eq!(v["code"], code, "{v}");
-    assert_eq!(v["reason"], reason, "{v}");
-}
-
-/// Polls `path` until it answers 200 or `limit` passes; returns how long it took.
-async fn until_ok(
-    addr: SocketAddr,
-    ca: &str,
-    id: &raw::Identity,
-    path: &str,
-    limit: Duration,
-) -> Duration {
-    let start = Instant::now();
-    let mut last = String::new();
-    while start.elapsed() < limit {
-        match tokio::time::timeout(Duration::from_secs(5), raw::get(addr, ca, id, path)).await {
-            Ok(Ok((200, _))) => return start.elapsed(),
-            Ok(Ok((s, b))) => last = format!("{s} {}", String::from_utf8_lossy(&b)),
-            Ok(Err(e)) => last = format!("{e:#}"),
-            Err(_) => last = "request hung for 5s".into(),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("{path} not back to 200 within {limit:?}; last: {last}")
 }
 
 // === agent kill -9 / SIGTERM ===
@@ -240,20 +116,15 @@ impl ProcessAgent {
             .unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-        let agent = fixture::spawn_agent_process(
-            &token_file,
-            &env.member,
-            &env.sa_token_file,
-            &dir.path().join("agent.log"),
-        )
-        .unwrap();
-        assert!(
-            server
-                .wait_connected(cluster, true, Duration::from_secs(20))
-                .await
-        );
-        let id = server.identity(cluster).unwrap();
-        let ca = server.server.ca_pem().to_string();
+        let agent = env
+            .on_member()
+            .agent_process(&token_file, &dir.path().join("agent.log"))
+            .unwrap();
+        server
+            .expect_connected(cluster, true, Duration::from_secs(20))
+            .await
+            .unwrap();
+        let (_, ca, id) = server.client_for(cluster).unwrap();
         Self {
             dir,
             server,
@@ -278,29 +149,23 @@ async fn agent_sigterm_drains_a_large_list_and_cuts_watches() {
     let path = format!("/clusters/{cluster}/api/v1/namespaces/{BIG_NS}/configmaps");
 
     // A watch, and a large LIST of which the client has read only 256 KiB.
-    let mut h1 = gateway_h1(gw, &ca, &id).await.unwrap();
-    let w = h1
-        .send_request(get(&format!(
-            "/clusters/{cluster}/api/v1/namespaces?watch=true"
-        )))
-        .await
-        .unwrap();
-    let mut wb = w.into_body();
-    let seen = read_some(&mut wb, 1, Some("ADDED")).await;
-    let mut h1 = gateway_h1(gw, &ca, &id).await.unwrap();
-    let resp = h1.send_request(get(&path)).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut body = resp.into_body();
-    let got = read_some(&mut body, 256 * 1024, None).await;
+    let (_watch, wb, seen) = watch_namespaces(gw, &ca, &id, cluster).await;
+    let (_list, body, got) = stream_h1(gw, &ca, &id, &path, 256 * 1024, None).await;
 
     // SIGTERM: the agent drains. The LIST still arrives whole, new requests get
     // 503 Status (never a cut or a 502), the watch ends, and the agent exits.
     let stopped = Instant::now();
     agent.terminate();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let (s, b) = status_of(gw, &ca, &id, &format!("/clusters/{cluster}/version")).await;
-    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
-    assert_status(&b, 503, "ServiceUnavailable");
+    assert_answers(
+        gw,
+        &ca,
+        &id,
+        &format!("/clusters/{cluster}/version"),
+        503,
+        "ServiceUnavailable",
+    )
+    .await;
     let list = match tokio::time::timeout(Duration::from_secs(30), finish(body, got))
         .await
         .expect("the LIST hung while the agent drained")
@@ -397,15 +262,15 @@ async fn agent_kill9_mid_large_list() {
         "the server still lists the killed agent"
     );
     let noticed = killed.elapsed();
-    let (s, b) = status_of(
+    assert_answers(
         server.gateway_addr,
         &ca,
         &id,
         &format!("/clusters/{cluster}/version"),
+        503,
+        "ServiceUnavailable",
     )
     .await;
-    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
-    assert_status(&b, 503, "ServiceUnavailable");
     eprintln!("agent kill -9 mid LIST: server dropped the session {noticed:.2?} after the kill");
 }
 
@@ -458,19 +323,22 @@ async fn agent_kill9_mid_watch_then_a_new_agent_serves() {
         killed.elapsed()
     );
     let version = format!("/clusters/{cluster}/version");
-    let (s, b) = status_of(server.gateway_addr, &ca, &id, &version).await;
-    assert_eq!(s, 503);
-    assert_status(&b, 503, "ServiceUnavailable");
+    assert_answers(
+        server.gateway_addr,
+        &ca,
+        &id,
+        &version,
+        503,
+        "ServiceUnavailable",
+    )
+    .await;
 
     // A new agent process: service and watches are back.
     let started = Instant::now();
-    let _agent = fixture::spawn_agent_process(
-        &dir.path().join("token"),
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent2.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&dir.path().join("token"), &dir.path().join("agent2.log"))
+        .unwrap();
     let back = until_ok(
         server.gateway_addr,
         &ca,
@@ -498,35 +366,12 @@ async fn agent_kill9_mid_watch_then_a_new_agent_serves() {
 async fn agent_restart_while_requests_flow() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();
-    let server = TowerServer::start(&dir.path().join("server"))
-        .await
-        .unwrap();
     let cluster = "restart";
-    let token = server.mint(cluster, None).unwrap();
-    let agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
-    assert!(
-        server
-            .wait_connected(cluster, true, Duration::from_secs(20))
-            .await
-    );
-    let id = server.identity(cluster).unwrap();
-    let ca = server.server.ca_pem().to_string();
-    let gw = server.gateway_addr;
+    let t = env.tunnel(&dir, cluster).await;
+    let (server, agent, token) = (t.server, t.agent, t.token);
+    let (gw, ca, id) = (t.gw, t.ca, t.id);
 
-    let mut h1 = gateway_h1(gw, &ca, &id).await.unwrap();
-    let w = h1
-        .send_request(get(&format!(
-            "/clusters/{cluster}/api/v1/namespaces?watch=true"
-        )))
-        .await
-        .unwrap();
-    let mut wb = w.into_body();
-    let got = read_some(&mut wb, 1, Some("ADDED")).await;
+    let (_watch, wb, got) = watch_namespaces(gw, &ca, &id, cluster).await;
 
     // Requests flow on one HTTP/2 connection throughout the restart.
     let stop = CancellationToken::new();
@@ -577,12 +422,7 @@ async fn agent_restart_while_requests_flow() {
     let gone = stopped.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    let _agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
+    let _agent = env.on_member().agent(&token).unwrap();
     assert!(
         server
             .wait_connected(cluster, true, Duration::from_secs(10))
@@ -621,13 +461,10 @@ async fn server_kill9_and_restart() {
     let cluster = "phoenix";
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     let id = server.identity(cluster).unwrap();
     let ca = server.ca_pem().to_string();
     let gw = server.gateway_addr;
@@ -684,34 +521,21 @@ async fn member_apiserver_down_gives_503_until_it_is_back() {
     let mut flaky = env.bed.cluster("flaky").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let (_, sa_token_file) = agent_credential(&flaky, dir.path()).await.unwrap();
-    let server = TowerServer::start(&dir.path().join("server"))
-        .await
-        .unwrap();
     let cluster = "flaky";
-    let token = server.mint(cluster, None).unwrap();
-    let _agent =
-        TowerAgent::start(TokenSource::Literal(token.encode()), &flaky, &sa_token_file).unwrap();
-    assert!(
-        server
-            .wait_connected(cluster, true, Duration::from_secs(20))
-            .await
-    );
-    let id = server.identity(cluster).unwrap();
-    let ca = server.server.ca_pem().to_string();
-    let gw = server.gateway_addr;
+    let upstreams = vec![kube_upstream(&flaky, &sa_token_file)];
+    let Tunnel {
+        server,
+        agent: _agent,
+        gw,
+        ca,
+        id,
+        ..
+    } = Tunnel::start(dir.path(), cluster, upstreams).await.unwrap();
     let version = format!("/clusters/{cluster}/version");
     let (s, _) = status_of(gw, &ca, &id, &version).await;
     assert_eq!(s, 200);
 
-    let mut h1 = gateway_h1(gw, &ca, &id).await.unwrap();
-    let w = h1
-        .send_request(get(&format!(
-            "/clusters/{cluster}/api/v1/namespaces?watch=true"
-        )))
-        .await
-        .unwrap();
-    let mut wb = w.into_body();
-    let got = read_some(&mut wb, 1, Some("ADDED")).await;
+    let (_watch, wb, got) = watch_namespaces(gw, &ca, &id, cluster).await;
 
     let stopped = Instant::now();
     flaky.stop().await;
@@ -870,33 +694,17 @@ async fn network_blackhole_is_detected_and_heals() {
         None,
     )
     .unwrap();
-    let agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
-    assert!(
-        server
-            .wait_connected(cluster, true, Duration::from_secs(20))
-            .await
-    );
-    let id = server.identity(cluster).unwrap();
-    let ca = server.server.ca_pem().to_string();
-    let gw = server.gateway_addr;
+    let upstreams = vec![kube_upstream(&env.member, &env.sa_token_file)];
+    let agent = server
+        .connect_agent(cluster, &token, upstreams, Duration::from_secs(20))
+        .await
+        .unwrap();
+    let (gw, ca, id) = server.client_for(cluster).unwrap();
     let version = format!("/clusters/{cluster}/version");
     let (s, _) = status_of(gw, &ca, &id, &version).await;
     assert_eq!(s, 200);
     // A watch and a large LIST in flight when the path goes dark.
-    let mut h1 = gateway_h1(gw, &ca, &id).await.unwrap();
-    let w = h1
-        .send_request(get(&format!(
-            "/clusters/{cluster}/api/v1/namespaces?watch=true"
-        )))
-        .await
-        .unwrap();
-    let mut wb = w.into_body();
-    let wgot = read_some(&mut wb, 1, Some("ADDED")).await;
+    let (_watch, wb, wgot) = watch_namespaces(gw, &ca, &id, cluster).await;
     let mut h1b = gateway_h1(gw, &ca, &id).await.unwrap();
     let l = h1b
         .send_request(get(&format!(
@@ -934,9 +742,7 @@ async fn network_blackhole_is_detected_and_heals() {
         !matches!(&le, Ending::Complete(b) if b.len() < BIG_ITEMS * BIG_ITEM),
         "a truncated LIST looked complete"
     );
-    let (s, b) = status_of(gw, &ca, &id, &version).await;
-    assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
-    assert_status(&b, 503, "ServiceUnavailable");
+    assert_answers(gw, &ca, &id, &version, 503, "ServiceUnavailable").await;
     // The keepalive window, plus scheduling slack on a 2-core machine.
     let bound = keepalive_window() + Duration::from_millis(1500);
     assert!(

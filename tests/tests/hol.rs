@@ -10,10 +10,8 @@ use std::time::{Duration, Instant};
 use http_body_util::BodyExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams};
-use tower_agent::TokenSource;
-use tower_tests::fixture::{
-    TowerAgent, TowerServer, agent_credential, identity_from_kubeconfig, kubectl, raw,
-};
+use tower_tests::fixture::http::get_h1;
+use tower_tests::fixture::{Tunnel, agent_credential, gateway_h1, kube_upstream, kubectl, raw};
 use tower_tests::testbed::Testbed;
 
 struct Gateway {
@@ -81,22 +79,18 @@ async fn a_stalled_watch_does_not_block_other_requests() {
     let bed = Testbed::start().await.unwrap();
     let member = bed.cluster("member").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let server = TowerServer::start(&dir.path().join("server"))
+    let (_, sa_token_file) = agent_credential(&member, dir.path()).await.unwrap();
+    let upstreams = vec![kube_upstream(&member, &sa_token_file)];
+    let Tunnel {
+        server,
+        agent: _agent,
+        gw: addr,
+        ca,
+        id,
+        ..
+    } = Tunnel::start(dir.path(), "gondor", upstreams)
         .await
         .unwrap();
-    let token = server.mint("gondor", None).unwrap();
-    let (_, sa_token_file) = agent_credential(&member, dir.path()).await.unwrap();
-    let _agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &member,
-        &sa_token_file,
-    )
-    .unwrap();
-    assert!(
-        server
-            .wait_connected("gondor", true, Duration::from_secs(20))
-            .await
-    );
     let kubeconfig = server.kubeconfig_file("gondor").unwrap();
     kubectl(&kubeconfig, &["create", "namespace", "hol"], None)
         .await
@@ -115,28 +109,14 @@ async fn a_stalled_watch_does_not_block_other_requests() {
     )
     .await
     .unwrap();
-    let gw = Gateway {
-        addr: server.gateway_addr,
-        ca: server.server.ca_pem().to_string(),
-        id: identity_from_kubeconfig(&std::fs::read_to_string(&kubeconfig).unwrap()).unwrap(),
-    };
+    let gw = Gateway { addr, ca, id };
     let path = "/clusters/gondor/api/v1/namespaces/hol/configmaps/small";
     concurrent_gets(&gw, 50, path).await; // warm up
     let base = rounds(&gw, path).await;
 
     // A watch whose client never reads its body.
-    let tls = raw::connect(gw.addr, &gw.ca, Some(&gw.id), false)
-        .await
-        .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/clusters/gondor/api/v1/namespaces/hol/configmaps?watch=true")
-        .header("host", "127.0.0.1")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .unwrap();
+    let mut sender = gateway_h1(gw.addr, &gw.ca, &gw.id).await.unwrap();
+    let req = get_h1("/clusters/gondor/api/v1/namespaces/hol/configmaps?watch=true");
     let stalled = sender.send_request(req).await.unwrap();
     assert_eq!(stalled.status(), 200);
     let rss_before = rss_kib();

@@ -221,23 +221,24 @@ async fn clusters_serve_kubectl_crds_configmaps_and_rbac() {
     eprintln!("exercised 3 clusters in {:.2?}", started.elapsed());
 }
 
-#[tokio::test]
-async fn binaries_and_apiserver_report_expected_versions() {
-    let bin = testbed::bin_dir();
-    let apiserver = std::process::Command::new(bin.join("kube-apiserver"))
+/// What `<bin> --version` prints on stdout.
+fn version_output(bin: &std::path::Path) -> String {
+    let out = std::process::Command::new(bin)
         .arg("--version")
         .output()
         .unwrap();
-    let apiserver = String::from_utf8_lossy(&apiserver.stdout);
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test]
+async fn binaries_and_apiserver_report_expected_versions() {
+    let bin = testbed::bin_dir();
+    let apiserver = version_output(&bin.join("kube-apiserver"));
     assert!(
         apiserver.trim().starts_with("Kubernetes v1.35."),
         "kube-apiserver --version: {apiserver:?}"
     );
-    let etcd = std::process::Command::new(bin.join("etcd"))
-        .arg("--version")
-        .output()
-        .unwrap();
-    let etcd = String::from_utf8_lossy(&etcd.stdout);
+    let etcd = version_output(&bin.join("etcd"));
     assert!(
         etcd.lines()
             .next()
@@ -325,13 +326,14 @@ async fn parallel_starts_get_distinct_ports() {
     let ports: BTreeSet<u16> = clusters.iter().map(ControlPlane::port).collect();
     assert_eq!(ports.len(), clusters.len(), "ports: {ports:?}");
     for cp in &clusters {
-        cp.client()
-            .await
-            .unwrap()
-            .apiserver_version()
-            .await
-            .unwrap();
+        assert_serves(cp).await;
     }
+}
+
+/// `cp`'s kube-apiserver answers a version request.
+async fn assert_serves(cp: &ControlPlane) {
+    let client = cp.client().await.unwrap();
+    client.apiserver_version().await.unwrap();
 }
 
 // === no stray processes ===
@@ -457,12 +459,7 @@ async fn dropping_the_testbed_kills_everything() {
 
     // A cluster keeps its test bed (etcd and directory) alive.
     drop(bed);
-    cp.client()
-        .await
-        .unwrap()
-        .apiserver_version()
-        .await
-        .unwrap();
+    assert_serves(&cp).await;
 
     drop(cp);
     for pid in pids {

@@ -8,17 +8,18 @@
 //! parts start their own server and agent.
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tower_agent::{AgentStatus, TokenSource};
+use tower_proto::JoinToken;
 use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
+use tower_tests::fixture::http::{assert_status, get_h1};
 use tower_tests::fixture::{
-    self, EchoUpstream, TowerAgent, TowerServer, agent_credential, identity_from_kubeconfig,
-    kube_upstream, kubectl, raw,
+    self, HttpsUpstream, Member, TowerAgent, TowerServer, agent_credential,
+    identity_from_kubeconfig, kube_upstream, kubectl, raw,
 };
 use tower_tests::testbed::{self, ControlPlane, Testbed};
 
@@ -27,7 +28,7 @@ struct Env {
     member: ControlPlane,
     server: TowerServer,
     _agent: TowerAgent,
-    _echo: EchoUpstream,
+    _echo: HttpsUpstream,
     kubeconfig: PathBuf,
     sa_token: String,
     sa_token_file: PathBuf,
@@ -36,15 +37,11 @@ struct Env {
 
 const CLUSTER: &str = "gondor";
 
-fn env() -> &'static Env {
-    static ENV: OnceLock<Env> = OnceLock::new();
-    fixture::shared_env(&ENV, "tunnel", start_env)
-}
+tower_tests::shared_env!(Env, "tunnel", start_env);
 
 async fn start_env() -> anyhow::Result<Env> {
     let started = Instant::now();
-    let bed = Testbed::start().await?;
-    fixture::log_to_file(&bed.dir().join("tower-e2e.log"));
+    let bed = fixture::start_logged_bed("tower-e2e.log").await?;
     let member = bed.cluster("member").await?;
     let dir = tempfile::tempdir()?;
     let server = TowerServer::start(&dir.path().join("server")).await?;
@@ -52,7 +49,7 @@ async fn start_env() -> anyhow::Result<Env> {
     let token_file = dir.path().join("join-token");
     std::fs::write(&token_file, token.encode())?;
     let (sa_token, sa_token_file) = agent_credential(&member, dir.path()).await?;
-    let echo = EchoUpstream::start(dir.path()).await?;
+    let echo = HttpsUpstream::echo(dir.path()).await?;
     let agent = TowerAgent::start_with(
         TokenSource::File(token_file),
         vec![
@@ -81,8 +78,32 @@ async fn start_env() -> anyhow::Result<Env> {
     })
 }
 
+impl Env {
+    /// The member and the agent's credential on it.
+    fn on_member(&self) -> Member<'_> {
+        Member {
+            cluster: &self.member,
+            sa_token_file: &self.sa_token_file,
+        }
+    }
+}
+
 fn identity(env: &Env) -> raw::Identity {
     identity_from_kubeconfig(&std::fs::read_to_string(&env.kubeconfig).unwrap()).unwrap()
+}
+
+/// kubectl straight to the member, as its admin.
+async fn member_kubectl(args: &[&str]) -> String {
+    env().member.run_kubectl(args, None).await.unwrap()
+}
+
+/// A raw TLS connection (HTTP/1.1) to the shared gateway, with the shared
+/// client identity.
+async fn gateway_tls(env: &Env) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let (gw, ca) = (env.server.gateway_addr, env.server.server.ca_pem());
+    raw::connect(gw, ca, Some(&identity(env)), false)
+        .await
+        .unwrap()
 }
 
 async fn tk(args: &[&str], stdin: Option<&str>) -> String {
@@ -228,18 +249,12 @@ async fn large_list_is_byte_identical_to_direct() {
         .collect::<Result<Vec<_>, _>>()
         .unwrap();
     // Pin both LISTs to one etcd revision: other tests write concurrently.
-    let first = env
-        .member
-        .run_kubectl(
-            &[
-                "get",
-                "--raw",
-                "/api/v1/namespaces/biglist/configmaps?limit=1",
-            ],
-            None,
-        )
-        .await
-        .unwrap();
+    let first = member_kubectl(&[
+        "get",
+        "--raw",
+        "/api/v1/namespaces/biglist/configmaps?limit=1",
+    ])
+    .await;
     let rv: serde_json::Value = serde_json::from_str(&first).unwrap();
     let rv = rv["metadata"]["resourceVersion"]
         .as_str()
@@ -250,11 +265,7 @@ async fn large_list_is_byte_identical_to_direct() {
     );
     let path = path.as_str();
     let tunnel = tk(&["get", "--raw", path], None).await;
-    let direct = env
-        .member
-        .run_kubectl(&["get", "--raw", path], None)
-        .await
-        .unwrap();
+    let direct = member_kubectl(&["get", "--raw", path]).await;
     assert!(
         tunnel.len() >= 20 * 1024 * 1024,
         "list is {} bytes",
@@ -338,14 +349,6 @@ async fn routing_forms_and_errors() {
     }
 }
 
-fn assert_status(body: &[u8], code: u16, reason: &str) {
-    let v: serde_json::Value = serde_json::from_slice(body)
-        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(body)));
-    assert_eq!(v["kind"], "Status");
-    assert_eq!(v["code"], code);
-    assert_eq!(v["reason"], reason);
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_requires_a_tower_client_certificate() {
     let env = env();
@@ -405,17 +408,10 @@ async fn gateway_requires_a_tower_client_certificate() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn agent_refuses_a_wrong_host_key() {
-    let env = env();
-    let mut token = env.server.mint("harad", None).unwrap();
-    token.claims.host_key = tower_certs::HostKey::generate().unwrap().fingerprint();
-    let agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
+/// Starts an agent of the shared environment with `token`; its error once it
+/// failed (10 s at most).
+async fn failed_agent(token: &JoinToken) -> (TowerAgent, String) {
+    let agent = env().on_member().agent(token).unwrap();
     let status = agent
         .wait_status(Duration::from_secs(10), |s| {
             matches!(s, AgentStatus::Failed(_))
@@ -424,9 +420,18 @@ async fn agent_refuses_a_wrong_host_key() {
     let AgentStatus::Failed(msg) = status else {
         panic!("unexpected {status:?}")
     };
+    (agent, msg)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_refuses_a_wrong_host_key() {
+    let env = env();
+    let mut token = env.server.mint("harad", None).unwrap();
+    token.claims.host_key = tower_certs::HostKey::generate().unwrap().fingerprint();
+    let (agent, msg) = failed_agent(&token).await;
     assert!(msg.contains("host key mismatch"), "{msg}");
     assert!(msg.contains(&token.claims.host_key), "{msg}");
-    assert!(!env.server.server.registry().is_connected("harad"));
+    assert!(!env.server.is_connected("harad"));
     agent.stop().await;
 }
 
@@ -436,52 +441,21 @@ async fn wrong_expired_and_revoked_tokens_are_refused() {
     // Wrong secret.
     let mut wrong = env.server.mint("umbar", None).unwrap();
     wrong.secret = tower_proto::Secret::generate();
-    let agent = TowerAgent::start(
-        TokenSource::Literal(wrong.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
-    let s = agent
-        .wait_status(Duration::from_secs(10), |s| {
-            matches!(s, AgentStatus::Failed(_))
-        })
-        .await;
-    assert!(
-        matches!(&s, AgentStatus::Failed(m) if m.contains("refused the join token")),
-        "{s:?}"
-    );
+    let (agent, msg) = failed_agent(&wrong).await;
+    assert!(msg.contains("refused the join token"), "{msg}");
     agent.stop().await;
-    assert!(!env.server.server.registry().is_connected("umbar"));
+    assert!(!env.server.is_connected("umbar"));
 
     // Expired: the agent learns why.
     let expired = env.server.mint("dale", Some(Duration::ZERO)).unwrap();
-    let agent = TowerAgent::start(
-        TokenSource::Literal(expired.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
-    let s = agent
-        .wait_status(Duration::from_secs(10), |s| {
-            matches!(s, AgentStatus::Failed(_))
-        })
-        .await;
-    assert!(
-        matches!(&s, AgentStatus::Failed(m) if m.contains("expired")),
-        "{s:?}"
-    );
+    let (agent, msg) = failed_agent(&expired).await;
+    assert!(msg.contains("expired"), "{msg}");
     agent.stop().await;
-    assert!(!env.server.server.registry().is_connected("dale"));
+    assert!(!env.server.is_connected("dale"));
 
     // Revoked while connected: the session ends within 5 s.
     let token = env.server.mint("erebor", None).unwrap();
-    let agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
+    let agent = env.on_member().agent(&token).unwrap();
     assert!(
         env.server
             .wait_connected("erebor", true, Duration::from_secs(10))
@@ -509,7 +483,7 @@ async fn wrong_expired_and_revoked_tokens_are_refused() {
     eprintln!("revocation ended the session in {took:.2?}");
     // It stays out.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(!env.server.server.registry().is_connected("erebor"));
+    assert!(!env.server.is_connected("erebor"));
     agent.stop().await;
 }
 
@@ -518,12 +492,7 @@ async fn agent_refuses_names_outside_its_allow_list() {
     let env = env();
     let token = env.server.mint("lorien", None).unwrap();
     // This agent serves kube-apiserver only.
-    let agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
+    let agent = env.on_member().agent(&token).unwrap();
     assert!(
         env.server
             .wait_connected("lorien", true, Duration::from_secs(10))
@@ -622,15 +591,7 @@ async fn websocket_watch_passes_through_the_tunnel() {
         None,
     )
     .await;
-    let id = identity(env);
-    let mut tls = raw::connect(
-        env.server.gateway_addr,
-        env.server.server.ca_pem(),
-        Some(&id),
-        false,
-    )
-    .await
-    .unwrap();
+    let mut tls = gateway_tls(env).await;
     let req = "GET /clusters/gondor/api/v1/namespaces/ws/configmaps?watch=true HTTP/1.1\r\n\
                Host: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
                Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
@@ -666,15 +627,7 @@ async fn websocket_watch_passes_through_the_tunnel() {
 async fn bidirectional_upgrade_round_trips_bytes() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = env();
-    let id = identity(env);
-    let mut tls = raw::connect(
-        env.server.gateway_addr,
-        env.server.server.ca_pem(),
-        Some(&id),
-        false,
-    )
-    .await
-    .unwrap();
+    let mut tls = gateway_tls(env).await;
     let req = "POST /kapis/clusters/gondor/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\
                Connection: Upgrade\r\nUpgrade: echo\r\nContent-Length: 0\r\n\r\n";
     tls.write_all(req.as_bytes()).await.unwrap();
@@ -715,13 +668,10 @@ async fn liveness_kill_restart_and_in_flight() {
     let kubeconfig = server.kubeconfig_file("ithilien").unwrap();
 
     // A real agent process.
-    let mut agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let mut agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     assert!(
         server
             .wait_connected("ithilien", true, Duration::from_secs(20))
@@ -732,23 +682,11 @@ async fn liveness_kill_restart_and_in_flight() {
 
     // An in-flight watch, then kill -9 of the agent.
     let id = identity_from_kubeconfig(&std::fs::read_to_string(&kubeconfig).unwrap()).unwrap();
-    let tls = raw::connect(
-        server.gateway_addr,
-        server.server.ca_pem(),
-        Some(&id),
-        false,
-    )
-    .await
-    .unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(conn);
-    let req = hyper::Request::get("/clusters/ithilien/api/v1/namespaces?watch=true")
-        .header("host", "127.0.0.1")
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
+    let ca = server.ca_pem();
+    let mut sender = fixture::gateway_h1(server.gateway_addr, &ca, &id)
+        .await
         .unwrap();
+    let req = get_h1("/clusters/ithilien/api/v1/namespaces?watch=true");
     let watch = sender.send_request(req).await.unwrap();
     assert_eq!(watch.status(), 200);
     let body = tokio::spawn(async move {
@@ -789,13 +727,10 @@ async fn liveness_kill_restart_and_in_flight() {
     assert_eq!(s, 503, "{}", String::from_utf8_lossy(&b));
 
     // The agent comes back; then the server restarts and the agent returns within 5 s.
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent2.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent2.log"))
+        .unwrap();
     assert!(
         server
             .wait_connected("ithilien", true, Duration::from_secs(20))
@@ -847,8 +782,7 @@ async fn openssh_client_stands_in_as_an_agent() {
         testbed::Process::spawn("kubectl-proxy", proxy, &dir.path().join("proxy.log")).unwrap();
 
     // Pin the server's host key for ssh, and hand it the credential via SSH_ASKPASS.
-    let host_key =
-        std::fs::read_to_string(env.server.state_dir.join(tower_server::HOST_KEY_FILE)).unwrap();
+    let host_key = std::fs::read_to_string(fixture::host_key_file(&env.server.state_dir)).unwrap();
     let public = tower_certs::HostKey::from_openssh(&host_key)
         .unwrap()
         .public_key()
@@ -940,7 +874,7 @@ async fn openssh_client_stands_in_as_an_agent() {
 async fn towerctl_mints_lists_and_revokes() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();
-    let towerctl = fixture::workspace_bin("tower-server", "towerctl");
+    let towerctl = fixture::workspace_bin("tower-server", "towerctl").unwrap();
     let run = |args: &[&str]| {
         let out = std::process::Command::new(&towerctl)
             .arg("--state-dir")
@@ -981,13 +915,10 @@ async fn towerctl_mints_lists_and_revokes() {
 
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, &token).unwrap();
-    let _agent = fixture::spawn_agent_process(
-        &token_file,
-        &env.member,
-        &env.sa_token_file,
-        &dir.path().join("agent.log"),
-    )
-    .unwrap();
+    let _agent = env
+        .on_member()
+        .agent_process(&token_file, &dir.path().join("agent.log"))
+        .unwrap();
     assert!(
         env.server
             .wait_connected("mirkwood", true, Duration::from_secs(20))
@@ -1050,12 +981,7 @@ async fn operations_endpoints_report_health_and_metrics() {
         async move { s.serve_ops(ops, sd).await }
     });
     let token = server.mint("osgiliath", None).unwrap();
-    let agent = TowerAgent::start(
-        TokenSource::Literal(token.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
+    let agent = env.on_member().agent(&token).unwrap();
     let agent_ops_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let agent_ops = agent_ops_listener.local_addr().unwrap();
     tokio::spawn({
@@ -1072,12 +998,7 @@ async fn operations_endpoints_report_health_and_metrics() {
     // One refused authentication.
     let mut bad = server.mint("osgiliath-2", None).unwrap();
     bad.secret = tower_proto::Secret::generate();
-    let refused = TowerAgent::start(
-        TokenSource::Literal(bad.encode()),
-        &env.member,
-        &env.sa_token_file,
-    )
-    .unwrap();
+    let refused = env.on_member().agent(&bad).unwrap();
     refused
         .wait_status(Duration::from_secs(5), |s| {
             matches!(s, AgentStatus::Failed(_))
@@ -1136,7 +1057,7 @@ async fn operations_endpoints_report_health_and_metrics() {
 async fn a_hung_upstream_gets_504_but_a_watch_may_wait() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();
-    let echo = EchoUpstream::start(dir.path()).await.unwrap();
+    let echo = HttpsUpstream::echo(dir.path()).await.unwrap();
     let cluster = "ithilien";
     let token = env.server.mint(cluster, None).unwrap();
     let agent = TowerAgent::start_configured(
