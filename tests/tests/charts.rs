@@ -711,7 +711,14 @@ async fn server_runs_with_only_the_charts_rbac() {
     let host = &env.host;
     let admin = host.client().await.unwrap();
     // Install the rendered chart for real (nothing runs its pods here).
-    let manifest = template("tower-server", "tower-server", SERVER_NS, &[]);
+    // The tokenRef Secret this test uses is named, as the chart's README
+    // advises: the server may then watch it.
+    let manifest = template(
+        "tower-server",
+        "tower-server",
+        SERVER_NS,
+        &["--set", "rbac.tokenRefSecretNames={charts-rbac-token}"],
+    );
     host.run_kubectl(&["apply", "-f", "-"], Some(&manifest))
         .await
         .unwrap();
@@ -752,6 +759,11 @@ async fn server_runs_with_only_the_charts_rbac() {
         (vec!["get", "secrets/tower-ca", ns[0], ns[1]], true),
         (vec!["create", "secrets", ns[0], ns[1]], true),
         (vec!["list", "secrets", ns[0], ns[1]], false),
+        (
+            vec!["watch", "secrets/charts-rbac-token", ns[0], ns[1]],
+            true,
+        ),
+        (vec!["get", "secrets/other", ns[0], ns[1]], false),
         (vec!["delete", "secrets/tower-ca", ns[0], ns[1]], false),
         (vec!["update", "secrets/tower-ca", ns[0], ns[1]], false),
         (vec!["get", "secrets", "-n", "default"], false),
@@ -998,6 +1010,30 @@ async fn server_runs_with_only_the_charts_rbac() {
             "GET {path} on the ops port never answered 200"
         );
     }
+    // Rotating the tokenRef Secret cuts the agent within seconds: the server
+    // watches the Secret (the chart grants list/watch on it by name) instead
+    // of reading it at the next resync, a minute away.
+    let rotated = Secret::generate();
+    let rotated_at = Instant::now();
+    secrets
+        .patch(
+            &format!("{name}-token"),
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "stringData": { "token": rotated.expose() } })),
+        )
+        .await
+        .unwrap();
+    if eventually(Duration::from_secs(15), cluster_with("False"))
+        .await
+        .is_none()
+    {
+        return fail("rotating the tokenRef Secret did not end the agent's session within 15 s")
+            .await;
+    }
+    eprintln!(
+        "charts: tokenRef Secret rotated; the old token's session ended in {:.2?}",
+        rotated_at.elapsed()
+    );
     eprintln!(
         "charts: server with only the chart's RBAC: identity, lease, token, kubeconfig, tokenRef agent in {:.2?}",
         started.elapsed()
