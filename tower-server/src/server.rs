@@ -12,7 +12,7 @@ use tower_certs::{Ca, HostKey};
 
 use crate::config::ServerConfig;
 use crate::tokens::{FileStore, TokenStore, Verdict};
-use crate::tunnel::{AuthLimiter, Registry};
+use crate::tunnel::{AuthLimiter, Registry, Session};
 use crate::{gateway, kubeconfig, metrics, tunnel};
 
 /// State shared by the listeners.
@@ -104,6 +104,13 @@ impl Server {
     /// Base URL clients use to reach the gateway.
     pub fn gateway_url(&self) -> &str {
         &self.shared.config.gateway_url
+    }
+
+    /// Ends `cluster`'s session, if any, telling its agent `why`.
+    pub fn end_session(&self, cluster: &str, why: &str) {
+        if let Some(session) = self.shared.registry.get(cluster) {
+            self.shared.end_session(session, why.to_string());
+        }
     }
 
     /// A kubeconfig for `cluster` through this server's gateway.
@@ -229,11 +236,19 @@ fn end_invalid_sessions(shared: &Shared, cluster: Option<&str>) {
         let verdict = shared.store.recheck(&session.cluster, &session.token_id);
         if !matches!(verdict, Verdict::Valid { .. }) {
             tracing::warn!(cluster = %session.cluster, reason = verdict.reason(), "ending session");
-            shared.registry.remove(&session.cluster, session.id);
             let why = format!("{}; mint a new join token with towerctl", verdict.reason());
-            shared
-                .tasks
-                .spawn(async move { session.disconnect(&why).await });
+            shared.end_session(session, why);
         }
+    }
+}
+
+impl Shared {
+    /// Takes `session` out of the registry at once (the gateway refuses new
+    /// requests for it from now on) and says goodbye to its agent with `why`
+    /// in the background.
+    fn end_session(&self, session: Arc<Session>, why: String) {
+        self.registry.remove(&session.cluster, session.id);
+        self.tasks
+            .spawn(async move { session.disconnect(&why).await });
     }
 }

@@ -135,11 +135,9 @@ fn on_agent_event(ctx: &Ctx, event: watcher::Event<Agent>) -> Vec<String> {
 /// A deleted Agent ends its cluster's live session (the agent may come back
 /// while the Cluster still carries a token).
 fn end_session(ctx: &Ctx, cluster: &str) {
-    let registry = ctx.server.registry();
-    if let Some(session) = registry.get(cluster) {
+    if ctx.server.registry().get(cluster).is_some() {
         tracing::info!(cluster, "agent object deleted; ending its session");
-        registry.remove(cluster, session.id);
-        tokio::spawn(async move { session.disconnect("agent object deleted").await });
+        ctx.server.end_session(cluster, "agent object deleted");
     }
 }
 
