@@ -22,7 +22,7 @@ use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tower_agent::{AgentStatus, TokenSource, UpstreamConfig};
+use tower_agent::{AgentState, TokenSource, UpstreamConfig};
 use tower_proto::names::UPSTREAM_KS_APISERVER;
 use tower_tests::fixture::http::{body_json, get_h1 as req, get_h2 as req_h2, next_data};
 use tower_tests::fixture::{
@@ -749,8 +749,8 @@ async fn unauthenticated_ssh_connections_are_cut_at_the_deadline() {
     // The authenticated agent is well past the deadline and still connected.
     assert!(server.server.registry().is_connected(cluster));
     assert!(matches!(
-        *agent.agent.status().borrow(),
-        AgentStatus::Connected { .. }
+        *agent.agent.state().borrow(),
+        AgentState::Connected { .. }
     ));
     eprintln!(
         "ssh auth deadline {deadline:?}: 20 half-open connections cut by {silent_max:.2?}, a stalled \

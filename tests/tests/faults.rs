@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tower_agent::AgentStatus;
+use tower_agent::AgentState;
 use tower_tests::fixture::http::{
     Ending, assert_answers, assert_status, finish, get_h1 as get, get_h2, read_some, status_of,
     stream_h1, until_ok, watch_namespaces,
@@ -729,8 +729,8 @@ async fn network_blackhole_is_detected_and_heals() {
     );
     let server_noticed = dark.elapsed();
     let agent_status = agent
-        .wait_status(Duration::from_secs(10), |s| {
-            matches!(s, AgentStatus::Failed(_) | AgentStatus::Connecting)
+        .wait_state(Duration::from_secs(10), |s| {
+            matches!(s, AgentState::Failed(_) | AgentState::Connecting)
         })
         .await;
     let agent_noticed = dark.elapsed();

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
-use tower_agent::{AgentStatus, TokenSource};
+use tower_agent::{AgentState, TokenSource};
 use tower_proto::JoinToken;
 use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 use tower_tests::fixture::http::{assert_status, get_h1};
@@ -413,11 +413,11 @@ async fn gateway_requires_a_tower_client_certificate() {
 async fn failed_agent(token: &JoinToken) -> (TowerAgent, String) {
     let agent = env().on_member().agent(token).unwrap();
     let status = agent
-        .wait_status(Duration::from_secs(10), |s| {
-            matches!(s, AgentStatus::Failed(_))
+        .wait_state(Duration::from_secs(10), |s| {
+            matches!(s, AgentState::Failed(_))
         })
         .await;
-    let AgentStatus::Failed(msg) = status else {
+    let AgentState::Failed(msg) = status else {
         panic!("unexpected {status:?}")
     };
     (agent, msg)
@@ -471,13 +471,13 @@ async fn wrong_expired_and_revoked_tokens_are_refused() {
     );
     let took = revoked_at.elapsed();
     let s = agent
-        .wait_status(
+        .wait_state(
             Duration::from_secs(5),
-            |s| matches!(s, AgentStatus::Failed(m) if m.contains("revoked")),
+            |s| matches!(s, AgentState::Failed(m) if m.contains("revoked")),
         )
         .await;
     assert!(
-        matches!(&s, AgentStatus::Failed(m) if m.contains("revoked")),
+        matches!(&s, AgentState::Failed(m) if m.contains("revoked")),
         "{s:?}"
     );
     eprintln!("revocation ended the session in {took:.2?}");
@@ -1000,8 +1000,8 @@ async fn operations_endpoints_report_health_and_metrics() {
     bad.secret = tower_proto::Secret::generate();
     let refused = env.on_member().agent(&bad).unwrap();
     refused
-        .wait_status(Duration::from_secs(5), |s| {
-            matches!(s, AgentStatus::Failed(_))
+        .wait_state(Duration::from_secs(5), |s| {
+            matches!(s, AgentState::Failed(_))
         })
         .await;
     refused.stop().await;

@@ -154,9 +154,9 @@ pub enum DialError {
     Io(#[from] std::io::Error),
 }
 
-/// What the agent is doing now; observable through [`Agent::status`].
+/// What the agent is doing now; observable through [`Agent::state`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AgentStatus {
+pub enum AgentState {
     Connecting,
     Connected { server: String },
     Failed(String),
@@ -167,7 +167,7 @@ pub enum AgentStatus {
 pub struct Agent {
     config: AgentConfig,
     upstreams: Arc<HashMap<String, Arc<Upstream>>>,
-    status: watch::Sender<AgentStatus>,
+    state: watch::Sender<AgentState>,
     metrics: metrics::AgentMetrics,
 }
 
@@ -190,13 +190,13 @@ impl Agent {
         Ok(Self {
             config,
             upstreams: Arc::new(upstreams),
-            status: watch::channel(AgentStatus::Connecting).0,
+            state: watch::channel(AgentState::Connecting).0,
             metrics: Default::default(),
         })
     }
 
-    pub fn status(&self) -> watch::Receiver<AgentStatus> {
-        self.status.subscribe()
+    pub fn state(&self) -> watch::Receiver<AgentState> {
+        self.state.subscribe()
     }
 
     /// Serves `/healthz`, `/readyz` (ready while connected) and `/metrics` on
@@ -204,11 +204,11 @@ impl Agent {
     pub async fn serve_ops(&self, listener: tokio::net::TcpListener, shutdown: CancellationToken) {
         let mut registry = tower_ops::prometheus_client::registry::Registry::default();
         self.metrics.register(&mut registry);
-        let status = self.status.subscribe();
+        let state = self.state.subscribe();
         let ops = tower_ops::Ops {
             registry,
-            ready: Box::new(move || match &*status.borrow() {
-                AgentStatus::Connected { .. } => Ok(()),
+            ready: Box::new(move || match &*state.borrow() {
+                AgentState::Connected { .. } => Ok(()),
                 other => Err(format!("{other:?}")),
             }),
         };
@@ -219,7 +219,7 @@ impl Agent {
     pub async fn run(&self, shutdown: CancellationToken) {
         let mut backoff = self.backoff();
         loop {
-            self.status.send_replace(AgentStatus::Connecting);
+            self.state.send_replace(AgentState::Connecting);
             let started = Instant::now();
             // The session watches `shutdown` itself, to drain before it goes.
             let result = self.session(&shutdown).await;
@@ -232,8 +232,7 @@ impl Agent {
                 .err()
                 .unwrap_or_else(|| AgentError::Ended("closed".into()));
             tracing::warn!(error = %err, "tunnel session ended; reconnecting");
-            self.status
-                .send_replace(AgentStatus::Failed(err.to_string()));
+            self.state.send_replace(AgentState::Failed(err.to_string()));
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = self.backoff();
             }
@@ -243,7 +242,7 @@ impl Agent {
                 _ = tokio::time::sleep(delay) => {}
             }
         }
-        self.status.send_replace(AgentStatus::Stopped);
+        self.state.send_replace(AgentState::Stopped);
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> + use<> {
@@ -409,7 +408,7 @@ impl Agent {
                 .map_err(|e| AgentError::Refused(format!("forwarding {name} refused: {e}")))?;
         }
         tracing::info!(server = addr, %cluster, upstreams = ?names, "tunnel established");
-        self.status.send_replace(AgentStatus::Connected {
+        self.state.send_replace(AgentState::Connected {
             server: addr.to_string(),
         });
         self.metrics.connected.set(1);

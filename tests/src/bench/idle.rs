@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use tower_agent::{AgentStatus, TokenSource};
+use tower_agent::{AgentState, TokenSource};
 use tower_proto::names::UPSTREAM_KUBE_APISERVER;
 
 use super::Size;
@@ -73,7 +73,7 @@ pub(crate) async fn agents_on_a_server_process(
             futures::future::try_join_all(
                 agents[wave_start..wave_end]
                     .iter()
-                    .map(|a| a.expect_status(Duration::from_secs(60), connected)),
+                    .map(|a| a.expect_state(Duration::from_secs(60), connected)),
             )
             .await?;
         }
@@ -138,7 +138,7 @@ pub(crate) async fn agents_on_a_server_process(
         let back: Vec<_> = agents
             .iter()
             .map(|a| {
-                let mut rx = a.agent.status();
+                let mut rx = a.agent.state();
                 tokio::spawn(async move {
                     rx.wait_for(|s| !connected(s)).await.ok()?;
                     rx.wait_for(connected).await.ok()?;
@@ -199,8 +199,8 @@ pub(crate) async fn agents_on_a_server_process(
     Ok(())
 }
 
-fn connected(s: &AgentStatus) -> bool {
-    matches!(s, AgentStatus::Connected { .. })
+fn connected(s: &AgentState) -> bool {
+    matches!(s, AgentState::Connected { .. })
 }
 
 /// Stops an idle agent, waiting 10 s at most.
