@@ -6,7 +6,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, combinators::UnsyncBoxBody};
 
-use crate::tunnel::METHOD_HEADER;
+use crate::tunnel::{CREDENTIAL_HEADER, METHOD_HEADER};
 
 /// The body of every response the gateway and the agent make: a stream
 /// relayed from the other side, or bytes made here.
@@ -83,10 +83,20 @@ pub fn strip_impersonation(headers: &mut HeaderMap) {
 /// hop-by-hop headers, no impersonation, no caller credential (the agent
 /// adds its own) and no tunnel-internal header a caller could forge.
 pub fn request_headers(headers: &HeaderMap) -> HeaderMap {
-    let mut out = strip_hop_by_hop(headers);
+    let mut out = caller_request_headers(headers);
     out.remove(header::AUTHORIZATION);
-    out.remove(HeaderName::from_static(METHOD_HEADER));
     strip_impersonation(&mut out);
+    out
+}
+
+/// The headers of a request that crosses the tunnel with the caller's own
+/// credential ([`CREDENTIAL_HEADER`]): no hop-by-hop headers and no
+/// tunnel-internal header, but `Authorization` and impersonation kept, for
+/// the member to judge under the caller's identity.
+pub fn caller_request_headers(headers: &HeaderMap) -> HeaderMap {
+    let mut out = strip_hop_by_hop(headers);
+    out.remove(HeaderName::from_static(METHOD_HEADER));
+    out.remove(HeaderName::from_static(CREDENTIAL_HEADER));
     out
 }
 

@@ -15,6 +15,11 @@ pub const KNOWN_UPSTREAMS: &[&str] = &[UPSTREAM_KUBE_APISERVER, UPSTREAM_KS_APIS
 /// forwarded channel. Without it, the server speaks one HTTP/1.1 exchange per channel.
 pub const CAP_H2: &str = "h2";
 
+/// The agent honours [`CREDENTIAL_HEADER`](crate::tunnel::CREDENTIAL_HEADER):
+/// on such requests it passes the caller's own credential through and adds
+/// none. The server never sends a caller's credential to an agent without it.
+pub const CAP_CALLER_CREDENTIAL: &str = "caller-credential";
+
 /// Port value the agent sends in `tcpip-forward`. It is informational: the
 /// upstream is chosen by name, never by port.
 pub const FORWARD_PORT: u32 = 80;

@@ -34,6 +34,23 @@ pub const H2_MAX_RESET_STREAMS: usize = 1024;
 /// Header carrying an upgrade request's original method inside extended CONNECT.
 pub const METHOD_HEADER: &str = "x-tower-method";
 
+/// Header the server sets on a request whose caller keeps its own credential
+/// (value [`CREDENTIAL_CALLER`]): the agent then passes the caller's
+/// `Authorization` through unchanged and adds none of its own. Without it the
+/// agent uses its own credential and no caller credential crosses. The server
+/// sends it only to agents with [`CAP_CALLER_CREDENTIAL`](crate::names::CAP_CALLER_CREDENTIAL),
+/// and removes it from what clients send.
+pub const CREDENTIAL_HEADER: &str = "x-tower-credential";
+/// The one value of [`CREDENTIAL_HEADER`].
+pub const CREDENTIAL_CALLER: &str = "caller";
+
+/// Whether the server asked for the caller's own credential on `req`.
+pub fn wants_caller_credential(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(CREDENTIAL_HEADER)
+        .is_some_and(|v| v.as_bytes() == CREDENTIAL_CALLER.as_bytes())
+}
+
 /// The server side's HTTP/2 client settings for one channel.
 pub fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());

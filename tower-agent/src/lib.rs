@@ -29,7 +29,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tower_proto::hello::{self, LineError, ProtocolVersion, Reply};
 use tower_proto::http::Body;
-use tower_proto::names::{CAP_H2, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS};
+use tower_proto::names::{
+    CAP_CALLER_CREDENTIAL, CAP_H2, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS,
+};
 use tower_proto::token::host_key_fingerprint;
 use tower_proto::{Hello, JoinToken, TokenError, tunnel};
 
@@ -380,7 +382,7 @@ impl Agent {
         let hello = Hello {
             protocol: ProtocolVersion::CURRENT,
             agent_version: tower_proto::VERSION.to_string(),
-            capabilities: vec![CAP_H2.to_string()],
+            capabilities: vec![CAP_H2.to_string(), CAP_CALLER_CREDENTIAL.to_string()],
             upstreams: names.clone(),
             facts: Default::default(),
         };

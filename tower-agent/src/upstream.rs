@@ -15,8 +15,11 @@ use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tower_proto::http::{Body, empty, request_headers, response_headers, status};
-use tower_proto::tunnel::decode_upgrade;
+use tower_proto::http::{
+    Body, caller_request_headers, empty, request_headers, response_headers, status,
+};
+use tower_proto::names::UPSTREAM_KS_APISERVER;
+use tower_proto::tunnel::{decode_upgrade, wants_caller_credential};
 
 /// How to reach and authenticate to one upstream.
 #[derive(Clone, Debug)]
@@ -61,15 +64,26 @@ impl Upstream {
             .url
             .parse()
             .map_err(|e| anyhow::anyhow!("{} URL {:?}: {e}", config.name, config.url))?;
+        // Plain HTTP only for ks-apiserver, which KubeSphere serves on :80
+        // inside the member; kube-apiserver is always verified TLS.
+        let plain = base.scheme_str() == Some("http");
         anyhow::ensure!(
-            base.scheme_str() == Some("https") && base.authority().is_some(),
-            "{} URL must be https://host[:port], got {:?}",
+            (base.scheme_str() == Some("https") || (plain && config.name == UPSTREAM_KS_APISERVER))
+                && base.authority().is_some(),
+            "{} URL must be https://host[:port]{}, got {:?}",
             config.name,
+            if config.name == UPSTREAM_KS_APISERVER {
+                " or http://host[:port]"
+            } else {
+                ""
+            },
             config.url
         );
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = rustls::RootCertStore::empty();
-        if let Some(ca) = &config.ca_file {
+        if plain {
+            // No TLS: nothing to verify.
+        } else if let Some(ca) = &config.ca_file {
             let pem = std::fs::read_to_string(ca)
                 .map_err(|e| anyhow::anyhow!("reading CA file {}: {e}", ca.display()))?;
             for cert in rustls_pemfile::certs(&mut pem.as_bytes()) {
@@ -80,7 +94,7 @@ impl Upstream {
                 "CA file {} holds no certificate",
                 ca.display()
             );
-        } else {
+        } else if !plain {
             anyhow::bail!(
                 "{}: a CA file is required to verify the upstream",
                 config.name
@@ -94,11 +108,14 @@ impl Upstream {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(10)));
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .wrap_connector(http);
+        let connector = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+        let connector = if plain {
+            connector.https_or_http()
+        } else {
+            connector.https_only()
+        }
+        .enable_http1()
+        .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
@@ -149,7 +166,12 @@ impl Upstream {
         Uri::from_parts(parts).expect("scheme and authority come from a valid base URL")
     }
 
+    /// The headers sent upstream: the caller's own credential when the server
+    /// asked for it ([`wants_caller_credential`]), else the agent's.
     fn headers(&self, incoming: &HeaderMap) -> Result<HeaderMap, Box<Response<Body>>> {
+        if wants_caller_credential(incoming) {
+            return Ok(caller_request_headers(incoming));
+        }
         let mut headers = request_headers(incoming);
         if let Some(token) = &self.token {
             let value = token.bearer().map_err(|e| {
