@@ -1,6 +1,7 @@
 //! Server settings: listeners' limits and timeouts, keepalives, and how
 //! clients reach the gateway.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,6 +44,8 @@ pub struct ServerConfig {
     /// for (`CN=tower:<cluster>`), the default; off, any certificate from the
     /// tower CA reaches every cluster.
     pub gateway_client_bound_to_cluster: bool,
+    /// Address the per-cluster listeners of KubeSphere mode bind.
+    pub cluster_listen_host: IpAddr,
 }
 
 impl ServerConfig {
@@ -63,6 +66,7 @@ impl ServerConfig {
             max_gateway_handshakes_per_source: 64,
             gateway_header_read_timeout: Duration::from_secs(30),
             gateway_client_bound_to_cluster: true,
+            cluster_listen_host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         }
     }
 }

@@ -27,8 +27,25 @@ pub fn render_with_validity(
     user: &ClientIdentity,
     validity: Duration,
 ) -> anyhow::Result<String> {
+    render_at(
+        ca,
+        &cluster_url(gateway_url, cluster),
+        cluster,
+        user,
+        validity,
+    )
+}
+
+/// Like [`render_with_validity`], for a cluster reached at `server` (in
+/// KubeSphere mode, the cluster's own kube listener).
+pub fn render_at(
+    ca: &Ca,
+    server: &str,
+    cluster: &str,
+    user: &ClientIdentity,
+    validity: Duration,
+) -> anyhow::Result<String> {
     let client = ca.issue_client(user, validity)?;
-    let server = cluster_url(gateway_url, cluster);
     let user_name = format!("tower-{cluster}");
     let doc = serde_json::json!({
         "apiVersion": "v1",
@@ -75,6 +92,11 @@ pub fn still_good(
     cluster: &str,
     min_remaining: Duration,
 ) -> bool {
+    still_good_at(yaml, ca, &cluster_url(gateway_url, cluster), min_remaining)
+}
+
+/// Like [`still_good`], for a kubeconfig whose server is `server`.
+pub fn still_good_at(yaml: &[u8], ca: &Ca, server: &str, min_remaining: Duration) -> bool {
     use ::base64::Engine;
     let Ok(doc) = yaml_serde::from_slice::<serde_json::Value>(yaml) else {
         return false;
@@ -84,7 +106,7 @@ pub fn still_good(
             .and_then(|s| ::base64::engine::general_purpose::STANDARD.decode(s).ok())
     };
     let cluster_entry = &doc["clusters"][0]["cluster"];
-    if cluster_entry["server"].as_str() != Some(cluster_url(gateway_url, cluster).as_str()) {
+    if cluster_entry["server"].as_str() != Some(server) {
         return false;
     }
     if b64(&cluster_entry["certificate-authority-data"]).as_deref()

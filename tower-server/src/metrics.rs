@@ -29,6 +29,7 @@ pub struct Metrics {
     pub channel_open_seconds: Histogram,
     pub auth_failures: Counter,
     pub responses: Family<CodeLabel, Counter>,
+    pub cluster_write_refusals: Counter,
 }
 
 impl Metrics {
@@ -42,6 +43,7 @@ impl Metrics {
             ]),
             auth_failures: Counter::default(),
             responses: Family::default(),
+            cluster_write_refusals: Counter::default(),
         };
         tower_ops::register_metrics!(registry, "tower_server",
             "sessions": m.sessions => "Agent sessions connected",
@@ -49,7 +51,8 @@ impl Metrics {
             "tunnel_bytes": m.bytes => "Bytes carried through tunnel channels",
             "channel_open_seconds": m.channel_open_seconds => "Time to open a tunnel channel to an agent (dial latency)",
             "auth_failures": m.auth_failures => "Refused agent authentications",
-            "gateway_responses": m.responses => "Gateway responses by status class");
+            "gateway_responses": m.responses => "Gateway responses by status class",
+            "cluster_write_refusals": m.cluster_write_refusals => "Cluster updates refused by an admission webhook (KubeSphere refuses them while the member is unreachable)");
         m
     }
 

@@ -24,6 +24,8 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) limiter: AuthLimiter,
     pub(crate) gateway_tls: Arc<rustls::ServerConfig>,
+    /// The per-cluster listeners of KubeSphere mode.
+    pub(crate) cluster_listeners: gateway::ClusterListeners,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) prometheus: std::sync::Mutex<Option<prometheus_client::registry::Registry>>,
     pub(crate) running: AtomicBool,
@@ -62,7 +64,11 @@ impl Server {
         let host_key = HostKey::load_or_create(&config.state_dir.join(HOST_KEY_FILE))?;
         let hosts: Vec<&str> = config.gateway_hosts.iter().map(String::as_str).collect();
         let serving = ca.issue_server(&hosts, Duration::from_secs(365 * 24 * 3600))?;
-        let gateway_tls = Arc::new(gateway::tls_config(ca.cert_pem(), &serving)?);
+        let gateway_tls = Arc::new(gateway::tls_config(
+            ca.cert_pem(),
+            &serving,
+            gateway::ClientCert::Required,
+        )?);
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
         Ok(Self {
@@ -74,6 +80,7 @@ impl Server {
                 registry: Registry::with_metrics(metrics.clone()),
                 limiter: Default::default(),
                 gateway_tls,
+                cluster_listeners: Default::default(),
                 metrics,
                 prometheus: std::sync::Mutex::new(Some(prometheus)),
                 running: Default::default(),
@@ -133,6 +140,43 @@ impl Server {
         )
     }
 
+    /// A kubeconfig for `cluster` reached at `server` (its kube listener in
+    /// KubeSphere mode), the client certificate valid for `validity`.
+    pub fn kubeconfig_at(
+        &self,
+        server: &str,
+        cluster: &str,
+        validity: Duration,
+    ) -> anyhow::Result<String> {
+        kubeconfig::render_at(
+            &self.shared.ca,
+            server,
+            cluster,
+            &kubeconfig::default_identity(cluster),
+            validity,
+        )
+    }
+
+    /// Whether `yaml` names `server`, the tower CA, and a client certificate
+    /// from it valid for at least `min_remaining`.
+    pub fn kubeconfig_still_good_at(
+        &self,
+        yaml: &[u8],
+        server: &str,
+        min_remaining: Duration,
+    ) -> bool {
+        kubeconfig::still_good_at(yaml, &self.shared.ca, server, min_remaining)
+    }
+
+    pub(crate) fn metrics(&self) -> &metrics::Metrics {
+        &self.shared.metrics
+    }
+
+    /// The server's settings.
+    pub fn config(&self) -> &ServerConfig {
+        &self.shared.config
+    }
+
     /// Whether `yaml` is a kubeconfig for `cluster` this server would still
     /// issue, with at least `min_remaining` left on its certificate.
     pub fn kubeconfig_still_good(
@@ -148,6 +192,29 @@ impl Server {
             cluster,
             min_remaining,
         )
+    }
+
+    /// Binds `cluster`'s kube and ks listeners on `ports` (KubeSphere mode),
+    /// the kube one serving a certificate for `hosts`; rebinds on new ports.
+    pub fn ensure_cluster_listeners(
+        &self,
+        cluster: &str,
+        ports: gateway::ClusterPorts,
+        hosts: Vec<String>,
+    ) -> anyhow::Result<()> {
+        self.shared
+            .cluster_listeners
+            .ensure(&self.shared, cluster, ports, hosts)
+    }
+
+    /// Closes the per-cluster listeners of every cluster `keep` refuses.
+    pub fn retain_cluster_listeners(&self, keep: impl Fn(&str) -> bool) {
+        self.shared.cluster_listeners.retain(keep)
+    }
+
+    /// The ports `cluster`'s listeners are bound on, if any.
+    pub fn cluster_ports(&self, cluster: &str) -> Option<gateway::ClusterPorts> {
+        self.shared.cluster_listeners.ports(cluster)
     }
 
     /// Serves `/healthz`, `/readyz` and `/metrics` on `listener` until `shutdown`.

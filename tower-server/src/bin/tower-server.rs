@@ -64,6 +64,19 @@ struct Args {
     /// (`CN=tower:<cluster>`, as in every synthesized kubeconfig).
     #[arg(long, env = "TOWER_GATEWAY_ANY_CLUSTER")]
     gateway_any_cluster: bool,
+    /// KubeSphere mode (with --kubernetes): for each Cluster KubeSphere's own
+    /// tower would serve (type proxy, joinFederation true), assign ports,
+    /// create Service mc-<cluster>, write its endpoints and kubeconfig, and
+    /// serve its kube listener (HTTPS) and ks listener (plain HTTP) on them.
+    #[arg(long, env = "TOWER_KUBESPHERE", requires = "kubernetes")]
+    kubesphere: bool,
+    /// KubeSphere mode: the range kube ports come from, FIRST-LAST; each
+    /// cluster's ks port is 10000 above its kube port.
+    #[arg(long, env = "TOWER_KUBESPHERE_PORTS", default_value = "6000-7000", value_parser = parse_port_range)]
+    kubesphere_ports: std::ops::RangeInclusive<u16>,
+    /// KubeSphere mode: the address the per-cluster listeners bind.
+    #[arg(long, env = "TOWER_KUBESPHERE_LISTEN_HOST", default_value = "0.0.0.0")]
+    kubesphere_listen_host: std::net::IpAddr,
     /// Print the bound ports on stdout (`ssh=… gateway=…`), for scripts binding port 0.
     #[arg(long, env = "TOWER_PRINT_PORTS", hide = true)]
     print_ports: bool,
@@ -79,6 +92,7 @@ async fn main() -> anyhow::Result<()> {
     config.keepalive_interval = Duration::from_secs_f64(args.keepalive_interval);
     config.keepalive_max = args.keepalive_max;
     config.gateway_client_bound_to_cluster = !args.gateway_any_cluster;
+    config.cluster_listen_host = args.kubesphere_listen_host;
     let ssh = tokio::net::TcpListener::bind(&args.ssh_listen)
         .await
         .with_context(|| format!("binding SSH listener {}", args.ssh_listen))?;
@@ -110,6 +124,11 @@ async fn main() -> anyhow::Result<()> {
             .context("connecting to Kubernetes (in-cluster or $KUBECONFIG)")?;
         let mut ctrl = ControllerConfig::new(args.namespace, args.replica);
         ctrl.ssh_addresses = args.ssh_address;
+        if args.kubesphere {
+            ctrl.kubesphere = Some(tower_server::kube::KubeSphereConfig {
+                ports: args.kubesphere_ports,
+            });
+        }
         return tower_server::run_with_kubernetes(
             config, ctrl, client, ssh, gateway, ops, shutdown,
         )
@@ -126,4 +145,27 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(async move { server.serve_ops(ops, shutdown).await });
     }
     server.run(ssh, gateway, shutdown).await
+}
+
+/// `FIRST-LAST`, both ports, FIRST <= LAST, and LAST + 10000 still a port.
+fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected FIRST-LAST, e.g. 6000-7000"))?;
+    let parse = |p: &str| {
+        p.trim()
+            .parse::<u16>()
+            .map_err(|e| format!("{p:?}: not a port: {e}"))
+    };
+    let (a, b) = (parse(a)?, parse(b)?);
+    if a == 0 || a > b {
+        return Err(format!("{s:?}: FIRST must be at least 1 and at most LAST"));
+    }
+    if b.checked_add(tower_server::kube::KS_PORT_OFFSET).is_none() {
+        return Err(format!(
+            "{s:?}: LAST + {} must be a port (at most 65535)",
+            tower_server::kube::KS_PORT_OFFSET
+        ));
+    }
+    Ok(a..=b)
 }

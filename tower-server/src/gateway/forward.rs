@@ -7,34 +7,77 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use tower_proto::http::{Body, empty, request_headers, response_headers, status};
+use tower_proto::http::{
+    Body, caller_request_headers, empty, request_headers, response_headers, status,
+};
+use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 use tower_proto::route::{RouteError, route};
-use tower_proto::tunnel::upgrade_protocol;
+use tower_proto::tunnel::{CREDENTIAL_CALLER, CREDENTIAL_HEADER, upgrade_protocol};
 
-use super::identity::refuse_other_cluster;
+use super::Entry;
+use super::identity::{Credential, kube_listener_credential, refuse_other_cluster};
 use crate::server::Shared;
 use crate::tunnel::ForwardError;
 
-/// Answers one gateway request from `client` (its certificate's CN).
+/// Answers one request that came through `entry` from `client` (its
+/// certificate's CN).
 pub(super) async fn handle(
     shared: Arc<Shared>,
+    entry: &Entry,
     client: Option<&str>,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    let route = match route(req.uri().path(), req.uri().query()) {
-        Ok(r) => r,
-        Err(RouteError::NotACluster) => {
-            return status(
-                StatusCode::NOT_FOUND,
-                format!("{}: {}", req.uri().path(), RouteError::NotACluster),
-            );
-        }
-        Err(e) => return status(StatusCode::BAD_REQUEST, e.to_string()),
-    };
     let bound = shared.config.gateway_client_bound_to_cluster;
-    if let Some(refused) = refuse_other_cluster(bound, client, &route.cluster) {
-        return refused;
-    }
+    let member_path = || {
+        req.uri()
+            .path_and_query()
+            .map_or_else(|| "/".to_string(), |p| p.as_str().to_string())
+    };
+    let (cluster, upstream, path_and_query, credential) = match entry {
+        Entry::Paths => {
+            let route = match route(req.uri().path(), req.uri().query()) {
+                Ok(r) => r,
+                Err(RouteError::NotACluster) => {
+                    return status(
+                        StatusCode::NOT_FOUND,
+                        format!("{}: {}", req.uri().path(), RouteError::NotACluster),
+                    );
+                }
+                Err(e) => return status(StatusCode::BAD_REQUEST, e.to_string()),
+            };
+            if let Some(refused) = refuse_other_cluster(bound, client, &route.cluster) {
+                return refused;
+            }
+            (
+                route.cluster,
+                route.upstream,
+                route.path_and_query,
+                Credential::Agent,
+            )
+        }
+        Entry::Kube(cluster) => {
+            match kube_listener_credential(bound, client, req.headers(), cluster) {
+                Ok(credential) => (
+                    cluster.to_string(),
+                    UPSTREAM_KUBE_APISERVER,
+                    member_path(),
+                    credential,
+                ),
+                Err(refused) => return *refused,
+            }
+        }
+        Entry::Ks(cluster) => (
+            cluster.to_string(),
+            UPSTREAM_KS_APISERVER,
+            member_path(),
+            Credential::Caller,
+        ),
+    };
+    let route = Route {
+        cluster,
+        upstream,
+        path_and_query,
+    };
     let Some(session) = shared.registry.get(&route.cluster) else {
         return if shared.store.knows(&route.cluster) {
             status(
@@ -51,6 +94,15 @@ pub(super) async fn handle(
             )
         };
     };
+    if credential == Credential::Caller && !session.carries_caller_credential() {
+        return status(
+            StatusCode::BAD_GATEWAY,
+            format!(
+                "the agent of cluster {:?} cannot pass a caller's own credential to the member; upgrade tower-agent",
+                route.cluster
+            ),
+        );
+    }
     let upgrade = upgrade_protocol(req.headers());
     let (parts, body) = req.into_parts();
     let mut out = Request::builder()
@@ -58,7 +110,17 @@ pub(super) async fn handle(
         .uri(route.path_and_query.as_str())
         .body(body.boxed_unsync())
         .expect("routed path is a valid URI");
-    *out.headers_mut() = request_headers(&parts.headers);
+    *out.headers_mut() = match credential {
+        Credential::Agent => request_headers(&parts.headers),
+        Credential::Caller => {
+            let mut headers = caller_request_headers(&parts.headers);
+            headers.insert(
+                CREDENTIAL_HEADER,
+                HeaderValue::from_static(CREDENTIAL_CALLER),
+            );
+            headers
+        }
+    };
     let mut inbound = Request::from_parts(parts, ());
 
     let Some(protocol) = upgrade else {
@@ -108,6 +170,13 @@ pub(super) async fn handle(
     *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     *out.headers_mut() = headers;
     out
+}
+
+/// Where a request goes.
+struct Route {
+    cluster: String,
+    upstream: &'static str,
+    path_and_query: String,
 }
 
 fn finish(resp: Response<Incoming>) -> Response<Body> {

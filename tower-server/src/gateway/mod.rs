@@ -1,23 +1,29 @@
-//! The HTTPS gateway clients reach members through: TLS with required client
-//! certificates, admission of handshakes, and HTTP/1.1 and HTTP/2 serving with
-//! limits on what a request head may hold.
+//! Where clients enter: the HTTPS path gateway, and in KubeSphere mode a kube
+//! listener and a ks listener per cluster. All of them admit handshakes
+//! fairly, serve HTTP/1.1 and HTTP/2 with limits on what a request head may
+//! hold, and carry requests through the cluster's session.
 //!
-//! - [`tls`]: the serving certificate and client verification.
-//! - [`identity`]: who a client is and which cluster it may reach.
+//! - [`tls`]: serving certificates and client verification.
+//! - [`identity`]: who a client is, which cluster it may reach, and with
+//!   whose credential its request reaches the member (docs/security.md).
 //! - [`forward`]: one request's way through routing and the cluster's
 //!   session, upgrades included (the session decides how they cross the
 //!   tunnel, see [`tower_proto::tunnel`]).
+//! - [`clusters`]: the per-cluster listeners of KubeSphere mode.
 
+mod clusters;
 mod forward;
 mod identity;
 mod tls;
 
-use std::sync::Arc;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -26,8 +32,10 @@ use tower_proto::tunnel;
 use crate::admission::Admission;
 use crate::server::Shared;
 
+pub(crate) use clusters::ClusterListeners;
+pub use clusters::ClusterPorts;
 pub use identity::CLIENT_CN_PREFIX;
-pub(crate) use tls::config as tls_config;
+pub(crate) use tls::{ClientCert, config as tls_config};
 
 /// Longest request target (path and query) that can reach the gateway: the
 /// `http` crate's limit. hyper answers a longer HTTP/1.1 target with 414; an
@@ -38,9 +46,50 @@ pub const MAX_HEADER_BYTES: usize = 256 * 1024;
 /// Most header fields in one HTTP/1.1 request (hyper's default, made explicit).
 pub const MAX_HEADERS: usize = 100;
 
-/// Serves the gateway until `shutdown`.
+/// Which door a request came through; it decides the cluster, the upstream
+/// and whose credential reaches the member.
+#[derive(Clone, Debug)]
+pub(crate) enum Entry {
+    /// The single-port path gateway: the cluster comes from the path
+    /// ([`tower_proto::route`]); a tower client certificate is required.
+    Paths,
+    /// A cluster's kube listener: member-relative paths to kube-apiserver; a
+    /// tower client certificate, or the caller's own bearer token.
+    Kube(Arc<str>),
+    /// A cluster's ks listener: plain HTTP, member-relative paths to
+    /// ks-apiserver, the caller's `Authorization` passed through unchanged.
+    Ks(Arc<str>),
+}
+
+impl Entry {
+    fn name(&self) -> &'static str {
+        match self {
+            Entry::Paths => "gateway",
+            Entry::Kube(_) => "kube listener",
+            Entry::Ks(_) => "ks listener",
+        }
+    }
+}
+
+/// The TLS a listener serves; swappable so that a new serving certificate
+/// takes effect for the next handshake.
+pub(crate) type TlsSource = Arc<RwLock<Arc<rustls::ServerConfig>>>;
+
+/// Serves the path gateway until `shutdown`.
 pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
-    let acceptor = TlsAcceptor::from(shared.gateway_tls.clone());
+    let tls = Arc::new(RwLock::new(shared.gateway_tls.clone()));
+    serve_listener(shared, listener, Some(tls), Entry::Paths, shutdown).await
+}
+
+/// Accepts on `listener` until `shutdown`: TLS when `tls` is given, with the
+/// handshake admitted under caps overall and per source.
+pub(crate) async fn serve_listener(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    tls: Option<TlsSource>,
+    entry: Entry,
+    shutdown: CancellationToken,
+) {
     // Until its handshake is done a client holds a slot, capped overall and
     // per source: a flood of silent or slow handshakes stays bounded.
     let admission = Arc::new(Admission::new(
@@ -48,16 +97,23 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
         shared.config.max_gateway_handshakes_per_source,
         "too many gateway TLS handshakes in progress (overall or from this source); dropping connections",
     ));
-    while let Some((socket, peer)) = tower_ops::accept(&listener, "gateway", &shutdown).await {
+    while let Some((socket, peer)) = tower_ops::accept(&listener, entry.name(), &shutdown).await {
         let Some(pending) = admission.admit_peer(peer) else {
             continue;
         };
         let _ = socket.set_nodelay(true);
-        let acceptor = acceptor.clone();
         let shared = shared.clone();
         let shutdown = shutdown.clone();
+        let entry = entry.clone();
+        let tls = tls.clone();
         let tasks = shared.tasks.clone();
         tasks.spawn(async move {
+            let Some(tls) = tls else {
+                drop(pending);
+                serve_http(shared, TokioIo::new(socket), peer, None, entry, shutdown).await;
+                return;
+            };
+            let acceptor = TlsAcceptor::from(tls.read().expect("poisoned").clone());
             let tls_timeout = shared.config.gateway_tls_timeout;
             let handshake = tokio::select! {
                 r = tokio::time::timeout(tls_timeout, acceptor.accept(socket)) => r,
@@ -79,45 +135,61 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: 
                 }
             };
             let client = identity::client_name(&tls);
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            // Slowloris: HTTP/1.1 heads must arrive within the header read
-            // timeout (hyper answers nothing and closes). Once a head is read
-            // the timer stops, so watches and upgraded streams are not cut.
-            // Oversized heads get hyper's 431 / 414 and a close.
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(shared.config.gateway_header_read_timeout)
-                .max_headers(MAX_HEADERS)
-                .max_buf_size(MAX_HEADER_BYTES);
-            // HTTP/2 pings find clients that vanished without closing, so their
-            // watches do not hold tunnel streams forever.
-            builder
-                .http2()
-                .timer(TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(30))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .max_header_list_size(MAX_HEADER_BYTES as u32)
-                .initial_stream_window_size(tunnel::H2_STREAM_WINDOW)
-                .initial_connection_window_size(tunnel::H2_CONN_WINDOW)
-                .max_concurrent_streams(2000);
-            let service = service_fn(move |req| {
-                let shared = shared.clone();
-                let client = client.clone();
-                async move {
-                    let resp = forward::handle(shared.clone(), client.as_deref(), req).await;
-                    shared.metrics.response(resp.status().as_u16());
-                    Ok::<_, std::convert::Infallible>(resp)
-                }
-            });
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(tls), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                r = conn.as_mut() => if let Err(e) = r {
-                    tracing::debug!(%peer, error = %e, "gateway connection ended");
-                },
-                _ = shutdown.cancelled() => {}
-            }
+            serve_http(shared, TokioIo::new(tls), peer, client, entry, shutdown).await;
         });
+    }
+}
+
+/// Serves HTTP/1.1 and HTTP/2 on one client connection until it ends or
+/// `shutdown`.
+async fn serve_http<I>(
+    shared: Arc<Shared>,
+    io: TokioIo<I>,
+    peer: SocketAddr,
+    client: Option<Arc<str>>,
+    entry: Entry,
+    shutdown: CancellationToken,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Slowloris: HTTP/1.1 heads must arrive within the header read timeout
+    // (hyper answers nothing and closes). Once a head is read the timer
+    // stops, so watches and upgraded streams are not cut. Oversized heads get
+    // hyper's 431 / 414 and a close.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.config.gateway_header_read_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(MAX_HEADER_BYTES);
+    // HTTP/2 pings find clients that vanished without closing, so their
+    // watches do not hold tunnel streams forever.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .max_header_list_size(MAX_HEADER_BYTES as u32)
+        .initial_stream_window_size(tunnel::H2_STREAM_WINDOW)
+        .initial_connection_window_size(tunnel::H2_CONN_WINDOW)
+        .max_concurrent_streams(2000);
+    let service = service_fn(move |req| {
+        let shared = shared.clone();
+        let client = client.clone();
+        let entry = entry.clone();
+        async move {
+            let resp = forward::handle(shared.clone(), &entry, client.as_deref(), req).await;
+            shared.metrics.response(resp.status().as_u16());
+            Ok::<_, std::convert::Infallible>(resp)
+        }
+    });
+    let conn = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r {
+            tracing::debug!(%peer, error = %e, "gateway connection ended");
+        },
+        _ = shutdown.cancelled() => {}
     }
 }

@@ -1,12 +1,24 @@
-//! The gateway's TLS: its serving certificate, and client certificates
-//! verified against the tower CA.
+//! Serving TLS: a serving certificate from the tower CA, and client
+//! certificates verified against the same CA.
 
 use std::sync::Arc;
 
-/// Builds the gateway's rustls config: tower CA verifies client certificates.
+/// Whether a listener insists on a client certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ClientCert {
+    /// The path gateway: a handshake without a certificate fails.
+    Required,
+    /// A cluster's kube listener: a certificate is verified when presented;
+    /// without one the caller must bring its own bearer token.
+    Optional,
+}
+
+/// Builds a listener's rustls config: the tower CA verifies client
+/// certificates; HTTP/2 and HTTP/1.1 are offered.
 pub(crate) fn config(
     ca_pem: &str,
     serving: &tower_certs::CertifiedKey,
+    client: ClientCert,
 ) -> anyhow::Result<rustls::ServerConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -16,8 +28,11 @@ pub(crate) fn config(
     let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
         Arc::new(roots),
         provider.clone(),
-    )
-    .build()?;
+    );
+    let verifier = match client {
+        ClientCert::Required => verifier.build()?,
+        ClientCert::Optional => verifier.allow_unauthenticated().build()?,
+    };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

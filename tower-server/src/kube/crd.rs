@@ -2,8 +2,10 @@
 //! server chart are generated from these (`towerctl crds`).
 //!
 //! - [`Cluster`] (`cluster.kubesphere.io/v1alpha1`, cluster-scoped): KubeSphere's
-//!   own schema. Tower fills in the connection of `proxy` clusters and keeps the
-//!   `AgentAvailable` condition; it never touches `direct` clusters.
+//!   own schema and CRD shape (field names, no status subresource). Tower fills
+//!   in the connection of `proxy` clusters and keeps the `AgentAvailable` (and
+//!   in KubeSphere mode `Initialized`) condition; it never touches `direct`
+//!   clusters.
 //! - [`Agent`] (`tower.kubesphere.io/v1alpha1`, cluster-scoped, named after its
 //!   cluster): the agent's token reference and pause switch, and the live detail
 //!   of its connection in status.
@@ -18,6 +20,9 @@ use serde::{Deserialize, Serialize};
 pub const FIELD_MANAGER: &str = "tower-server";
 /// Condition on a Cluster that says whether its agent is connected.
 pub const CONDITION_AGENT_AVAILABLE: &str = "AgentAvailable";
+/// Condition on a Cluster that says its one-time set-up (KubeSphere mode:
+/// ports, `mc-` Service, endpoints, token, kubeconfig) is done.
+pub const CONDITION_INITIALIZED: &str = "Initialized";
 /// Condition on an Agent that says whether it is connected.
 pub const CONDITION_CONNECTED: &str = "Connected";
 /// `spec.connection.type` of a tunnelled cluster.
@@ -51,7 +56,9 @@ pub struct ClusterSpec {
     pub provider: Option<String>,
     /// How the host reaches the member.
     pub connection: Option<Connection>,
-    /// Whether the member's kube-apiserver is exposed externally.
+    /// Whether the member's kube-apiserver is exposed externally
+    /// (KubeSphere spells it `externalKubeAPIEnabled`).
+    #[serde(rename = "externalKubeAPIEnabled")]
     pub external_kube_api_enabled: Option<bool>,
     /// KubeSphere's configuration for the member.
     // `schema_with` hides the Option from schemars: `default` keeps it optional.
@@ -67,7 +74,6 @@ pub struct ClusterSpec {
 pub struct Connection {
     /// `direct` or `proxy`.
     #[serde(rename = "type")]
-    #[schemars(extend("enum" = ["direct", "proxy"]))]
     pub type_: Option<String>,
     /// KubeSphere API endpoint of the member.
     #[serde(rename = "kubesphereAPIEndpoint")]
@@ -118,6 +124,12 @@ impl Cluster {
             .as_ref()
             .and_then(|c| c.type_.as_deref())
             == Some(CONNECTION_PROXY)
+    }
+
+    /// Whether it asks to join the federation (`spec.joinFederation`): with
+    /// `proxy`, the Clusters KubeSphere's own tower serves.
+    pub fn joins_federation(&self) -> bool {
+        self.spec.join_federation == Some(true)
     }
 
     pub fn token(&self) -> Option<&str> {
@@ -220,13 +232,25 @@ fn bytes_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "type": "string", "format": "byte" })
 }
 
+/// The Cluster CRD shaped like KubeSphere's own: no status subresource, so
+/// that status is written through the main resource as KubeSphere writes it.
+pub fn cluster_crd()
+-> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use kube::CustomResourceExt;
+    let mut crd = Cluster::crd();
+    for version in &mut crd.spec.versions {
+        version.subresources = None;
+    }
+    crd
+}
+
 /// The CRD manifests as YAML documents, in a stable order.
 pub fn crd_yaml() -> Vec<(&'static str, String)> {
     use kube::CustomResourceExt;
     vec![
         (
             "clusters.cluster.kubesphere.io.yaml",
-            yaml_serde::to_string(&Cluster::crd()).expect("CRDs serialize"),
+            yaml_serde::to_string(&cluster_crd()).expect("CRDs serialize"),
         ),
         (
             "agents.tower.kubesphere.io.yaml",

@@ -21,7 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{Server, ServerConfig};
 
-pub use controller::{ControllerConfig, SERVER_INFO_CONFIGMAP, TOKEN_FIELD_MANAGER};
+pub use controller::{
+    ControllerConfig, KS_PORT_OFFSET, KubeSphereConfig, POD_LABELS, SERVER_INFO_CONFIGMAP,
+    SERVICE_PREFIX, TOKEN_FIELD_MANAGER,
+};
 pub use identity::{CA_SECRET, HOST_KEY_SECRET};
 pub use tokens::{AGENT_TOKEN_ID, CLUSTER_TOKEN_ID, ClusterTokens, KubeTokenStore};
 

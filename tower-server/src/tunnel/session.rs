@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_proto::Hello;
 use tower_proto::http::{Body, empty};
-use tower_proto::names::CAP_H2;
+use tower_proto::names::{CAP_CALLER_CREDENTIAL, CAP_H2};
 use tower_proto::tunnel;
 
 use super::ChannelIo;
@@ -132,6 +132,15 @@ impl Session {
             .hello
             .as_ref()
             .is_some_and(|h| h.capabilities.iter().any(|c| c == CAP_H2))
+    }
+
+    /// Whether the agent passes a caller's own credential through when asked
+    /// ([`CAP_CALLER_CREDENTIAL`]); without it, such requests are refused.
+    pub fn carries_caller_credential(&self) -> bool {
+        self.lock()
+            .hello
+            .as_ref()
+            .is_some_and(|h| h.capabilities.iter().any(|c| c == CAP_CALLER_CREDENTIAL))
     }
 
     /// Round trip of the last tunnel channel open (an SSH request/confirmation).

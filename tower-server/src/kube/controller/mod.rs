@@ -36,6 +36,8 @@
 //! forgotten.
 
 mod connection;
+mod events;
+mod kubesphere;
 mod mirror;
 mod queue;
 mod reconcile;
@@ -45,7 +47,7 @@ mod status;
 #[cfg(test)]
 mod testing;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -66,6 +68,8 @@ pub const TOKEN_FIELD_MANAGER: &str = "tower-server-token";
 /// Name of the ConfigMap where the server publishes how agents reach it.
 pub const SERVER_INFO_CONFIGMAP: &str = "tower-server";
 
+pub use kubesphere::{KS_PORT_OFFSET, KubeSphereConfig, POD_LABELS, SERVICE_PREFIX};
+
 /// Controller settings.
 #[derive(Clone, Debug)]
 pub struct ControllerConfig {
@@ -84,6 +88,9 @@ pub struct ControllerConfig {
     /// Lease timing.
     pub lease_duration: Duration,
     pub lease_renew: Duration,
+    /// KubeSphere mode: per-cluster ports, `mc-` Services and listeners for
+    /// the Clusters KubeSphere's own tower serves.
+    pub kubesphere: Option<KubeSphereConfig>,
 }
 
 impl ControllerConfig {
@@ -97,6 +104,7 @@ impl ControllerConfig {
             resync: Duration::from_secs(60),
             lease_duration: Duration::from_secs(15),
             lease_renew: Duration::from_secs(5),
+            kubesphere: None,
         }
     }
 }
@@ -138,6 +146,12 @@ struct Ctx {
     backoff: reconcile::Backoff,
     /// Agents seen so far, to notice deletions missed while a watch was down.
     seen_agents: Mutex<HashSet<String>>,
+    /// Kube ports given to Clusters that do not record them yet, and to whom.
+    claimed_ports: Mutex<BTreeMap<u16, String>>,
+    /// Each Cluster's availability as last seen, for Events on a change.
+    last_available: Mutex<HashMap<String, bool>>,
+    recorder: kube::runtime::events::Recorder,
+    status_path: status::StatusPath,
 }
 
 /// Server-side applies `patch` to `name` as `manager`, forced: the write every
@@ -180,6 +194,10 @@ pub async fn run(
     let (clusters, cluster_writer) = reflector::store::<Cluster>();
     let (agents, agent_writer) = reflector::store::<Agent>();
     let (triggers, trigger_rx) = futures::channel::mpsc::unbounded();
+    let reporter = kube::runtime::events::Reporter {
+        controller: "tower-server".into(),
+        instance: Some(config.replica.clone()),
+    };
     let ctx = Arc::new(Ctx {
         secrets: secrets::TokenRefSecrets::new(client.clone(), agents.clone(), triggers.clone()),
         server,
@@ -191,6 +209,10 @@ pub async fn run(
         agents,
         backoff: Default::default(),
         seen_agents: Default::default(),
+        claimed_ports: Default::default(),
+        last_available: Default::default(),
+        recorder: kube::runtime::events::Recorder::new(client.clone(), reporter.clone()),
+        status_path: Default::default(),
     });
     let queue = queue::build(
         ctx.clone(),

@@ -8,7 +8,7 @@ use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 
-use super::{Ctx, Error, connection, mirror, status};
+use super::{Ctx, Error, connection, events, kubesphere, mirror, status};
 use crate::kube::crd::{Agent, Cluster};
 
 /// How long a reconcile waits for the Agent store's first list, so that a
@@ -29,6 +29,8 @@ pub(super) fn managed(cluster: &Cluster) -> bool {
 /// Brings one Cluster (and its Agent) in step; requeued every resync.
 pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Action, Error> {
     if !managed(&cluster) {
+        ctx.server
+            .retain_cluster_listeners(|c| c != cluster.name_any());
         return Ok(Action::await_change());
     }
     let name = cluster.name_any();
@@ -39,6 +41,12 @@ pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Ac
         // A revoked or paused cluster is cut off before its condition says so.
         ctx.server.recheck_sessions(&name);
     }
+    if kubesphere::served(&ctx, &cluster) {
+        // Every replica serves the listeners, whoever leads.
+        kubesphere::ensure_listeners(&ctx, &cluster)?;
+    } else {
+        ctx.server.retain_cluster_listeners(|c| c != name);
+    }
     if ctx.leadership.is_leader() {
         write(&ctx, &cluster, agent.as_deref()).await?;
     }
@@ -46,18 +54,33 @@ pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Ac
     Ok(Action::requeue(ctx.config.resync))
 }
 
-/// The leader's writes for one Cluster.
+/// The leader's writes for one Cluster: its token, its connection (KubeSphere
+/// set-up or the path gateway's kubeconfig), the Agent's status, then the
+/// Cluster's conditions, so that a Cluster write KubeSphere's webhook refuses
+/// (the member unreachable) holds up nothing else.
 async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::Result<()> {
     if connection::ensure_token(&ctx.client, cluster).await? {
         // The watch brings the updated object back for the rest.
         return Ok(());
     }
-    let kubeconfig =
-        connection::write_connection(&ctx.client, &ctx.server, &ctx.config, cluster).await?;
     let name = cluster.name_any();
     let paused = agent.is_some_and(Agent::paused);
     let available = status::availability(&ctx.server, &ctx.config.replica, &name, paused);
-    status::write_cluster_condition(&ctx.client, cluster, &available).await?;
+    events::on_availability(ctx, cluster, &available).await;
+    let (connection, kubeconfig, initialized) = if kubesphere::served(ctx, cluster) {
+        match kubesphere::setup(ctx, cluster, &available).await? {
+            kubesphere::Setup::Wrote => return Ok(()),
+            kubesphere::Setup::Ready {
+                connection,
+                kubeconfig,
+                initialized,
+            } => (connection, kubeconfig, Some(initialized)),
+        }
+    } else {
+        let kubeconfig =
+            connection::write_connection(&ctx.client, &ctx.server, &ctx.config, cluster).await?;
+        (None, kubeconfig, None)
+    };
     if let Some(agent) = agent {
         let session = ctx
             .server
@@ -74,6 +97,38 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
         );
         status::write_agent_status(&ctx.client, agent, new).await?;
     }
+    let mut conditions = status::cluster_conditions(cluster, &available);
+    if let Some(initialized) = initialized {
+        let base = conditions.clone().unwrap_or_else(|| {
+            cluster
+                .status
+                .as_ref()
+                .map(|s| s.conditions.clone())
+                .unwrap_or_default()
+        });
+        if let Some(with) = kubesphere::initialized_condition(&base, initialized) {
+            conditions = Some(with);
+        }
+    }
+    let written = status::write_cluster(
+        &ctx.client,
+        &ctx.status_path,
+        cluster,
+        connection,
+        conditions,
+    )
+    .await;
+    if let Err(e) = &written
+        && events::refused_by_admission(e)
+    {
+        ctx.server.metrics().cluster_write_refusals.inc();
+        tracing::warn!(
+            cluster = %name,
+            error = %e,
+            "an admission webhook refused the Cluster update (KubeSphere refuses updates while the member is unreachable); the Agent status and an Event say so, and the write is retried"
+        );
+    }
+    written?;
     Ok(())
 }
 
@@ -144,13 +199,8 @@ mod tests {
             let apply = mock.next().await;
             apply.assert_apply(CLUSTER_PATH, "tower-server");
             apply.reply(200, &cluster);
-            let condition = mock.next().await;
-            condition.assert_status_merge(&format!("{CLUSTER_PATH}/status"), None);
-            assert_eq!(
-                condition.body["status"]["conditions"][0]["reason"],
-                "AgentDisconnected"
-            );
-            condition.reply(200, &cluster);
+            // The Agent's status first: a Cluster write KubeSphere's webhook
+            // refuses must not hold it up.
             let status = mock.next().await;
             status.assert_status_merge(
                 "/apis/tower.kubesphere.io/v1alpha1/agents/gondor/status",
@@ -158,6 +208,15 @@ mod tests {
             );
             assert_eq!(status.body["status"]["conditions"][0]["type"], "Connected");
             status.reply(200, &agent);
+            let condition = mock.next().await;
+            condition.assert_status_merge(CLUSTER_PATH, None);
+            assert_eq!(
+                condition.body["status"]["conditions"][0]["reason"],
+                "AgentDisconnected"
+            );
+            let mut back = cluster.clone();
+            back.status = Some(serde_json::from_value(condition.body["status"].clone()).unwrap());
+            condition.reply(200, &back);
         });
         assert_eq!(action.unwrap(), Action::requeue(ctx.config.resync));
         assert!(ctx.store.knows("gondor"));

@@ -1,8 +1,11 @@
 //! What the leader says about a proxy Cluster's agent: the `AgentAvailable`
 //! condition on the Cluster and the connection detail in the Agent's status.
-//! Both are merge patches on `/status`, guarded by the resourceVersion the
+//! The Cluster's goes through the main resource (KubeSphere's CRD has no
+//! status subresource) merged into KubeSphere's own list, the Agent's through
+//! `/status`; both are merge patches guarded by the resourceVersion the
 //! decision was made on (a conflict retries with the newer object).
 
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::SystemTime;
 
 use k8s_openapi::ByteString;
@@ -78,32 +81,107 @@ pub(super) fn availability(
     }
 }
 
-/// Writes the `AgentAvailable` condition when it changed.
-pub(super) async fn write_cluster_condition(
+/// How a Cluster's status is written (unknown until the first write): KubeSphere's CRD has no status
+/// subresource, so through the main resource; a CRD with the subresource
+/// (older Tower charts) drops status from main-resource writes, which the
+/// first write notices, and from then on status goes to `/status`.
+#[derive(Default)]
+pub(super) struct StatusPath(AtomicU8);
+
+const PATH_MAIN: u8 = 1;
+const PATH_SUBRESOURCE: u8 = 2;
+
+/// One write of a Cluster: `connection` keys into `spec.connection` and the
+/// whole `conditions` list (KubeSphere's own conditions included, as read),
+/// one resourceVersion-guarded merge patch; `None` parts are left alone.
+pub(super) async fn write_cluster(
     client: &kube::Client,
+    path: &StatusPath,
+    cluster: &Cluster,
+    connection: Option<serde_json::Value>,
+    conditions: Option<Vec<Condition>>,
+) -> kube::Result<()> {
+    if connection.is_none() && conditions.is_none() {
+        return Ok(());
+    }
+    let api = Api::<Cluster>::all(client.clone());
+    let name = cluster.name_any();
+    let via_subresource = path.0.load(Ordering::Relaxed) == PATH_SUBRESOURCE;
+    let mut patch = serde_json::json!({
+        "metadata": { "resourceVersion": cluster.resource_version() },
+    });
+    if let Some(connection) = &connection {
+        patch["spec"] = serde_json::json!({ "connection": connection });
+    }
+    if let (Some(conditions), false) = (&conditions, via_subresource) {
+        patch["status"] = serde_json::json!({ "conditions": conditions });
+    }
+    let mut resource_version = cluster.resource_version();
+    if connection.is_some() || !via_subresource {
+        let written = api
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await?;
+        resource_version = written.resource_version();
+        let Some(conditions) = &conditions else {
+            return Ok(());
+        };
+        if via_subresource {
+            // Status still to write, below.
+        } else if same_conditions(
+            written.status.as_ref().map(|s| &s.conditions[..]),
+            conditions,
+        ) {
+            path.0.store(PATH_MAIN, Ordering::Relaxed);
+            return Ok(());
+        } else if path.0.load(Ordering::Relaxed) == PATH_MAIN {
+            // The main resource took status before: someone else's newer
+            // write raced ours; the watch brings it back for another look.
+            return Ok(());
+        } else {
+            tracing::info!("the Cluster CRD has a status subresource; writing status there");
+            path.0.store(PATH_SUBRESOURCE, Ordering::Relaxed);
+        }
+    }
+    let patch = serde_json::json!({
+        "metadata": { "resourceVersion": resource_version },
+        "status": { "conditions": conditions },
+    });
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+fn same_conditions(written: Option<&[Condition]>, wanted: &[Condition]) -> bool {
+    let key = |c: &Condition| {
+        (
+            c.type_.clone(),
+            c.status.clone(),
+            c.reason.clone(),
+            c.message.clone(),
+        )
+    };
+    let written: Vec<_> = written.unwrap_or_default().iter().map(key).collect();
+    wanted.iter().all(|w| written.contains(&key(w)))
+}
+
+/// The Cluster's conditions with `AgentAvailable` as `available` says;
+/// `None` when nothing would change.
+pub(super) fn cluster_conditions(
     cluster: &Cluster,
     available: &Availability,
-) -> kube::Result<()> {
+) -> Option<Vec<Condition>> {
     let existing = cluster
         .status
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let Some(conditions) = merge_condition(
+    merge_condition(
         &existing,
         CONDITION_AGENT_AVAILABLE,
         available.status,
         available.reason,
         &available.message,
-    ) else {
-        return Ok(());
-    };
-    merge_status(
-        client,
-        cluster,
-        serde_json::json!({ "conditions": conditions }),
     )
-    .await
 }
 
 /// The Agent's status after `old`: the `Connected` condition, the kubeconfig
@@ -164,7 +242,7 @@ pub(super) async fn write_agent_status(
     merge_status(client, agent, serde_json::json!(new)).await
 }
 
-/// A merge patch of `object`'s `/status`, guarded by the resourceVersion it
+/// A merge patch of an Agent's `/status`, guarded by the resourceVersion it
 /// was read at.
 async fn merge_status<K>(
     client: &kube::Client,
@@ -189,7 +267,7 @@ where
 }
 
 /// `existing` with condition `type_` set; `None` when nothing would change.
-fn merge_condition(
+pub(super) fn merge_condition(
     existing: &[Condition],
     type_: &str,
     status: &str,
@@ -293,21 +371,39 @@ mod tests {
         }
     }
 
+    const MAIN: &str = "/apis/cluster.kubesphere.io/v1alpha1/clusters/gondor";
+
     #[tokio::test]
-    async fn cluster_condition_is_a_merge_patch_on_status_guarded_by_resource_version() {
+    async fn cluster_conditions_go_through_the_main_resource_guarded_by_resource_version() {
         let mock = Mock::new();
+        let path = StatusPath::default();
         let mut cluster = proxy_cluster("gondor", Some("cluster-token-0123456789"));
         cluster.metadata.resource_version = Some("42".into());
-        let available = connected();
+        let ready = Condition {
+            type_: "Ready".into(),
+            status: "True".into(),
+            ..Default::default()
+        };
+        cluster.status = Some(crate::kube::crd::ClusterStatus {
+            conditions: vec![ready.clone()],
+            ..Default::default()
+        });
+        let conditions = cluster_conditions(&cluster, &connected()).unwrap();
         let (done, ()) = tokio::join!(
-            write_cluster_condition(&mock.client, &cluster, &available),
+            write_cluster(
+                &mock.client,
+                &path,
+                &cluster,
+                None,
+                Some(conditions.clone())
+            ),
             async {
                 let req = mock.next().await;
-                req.assert_status_merge(
-                    "/apis/cluster.kubesphere.io/v1alpha1/clusters/gondor/status",
-                    Some("42"),
-                );
-                let c = &req.body["status"]["conditions"][0];
+                req.assert_status_merge(MAIN, Some("42"));
+                let list = req.body["status"]["conditions"].as_array().unwrap();
+                assert_eq!(list.len(), 2, "KubeSphere's own condition is kept");
+                assert_eq!(list[0]["type"], "Ready");
+                let c = &list[1];
                 assert_eq!(c["type"], "AgentAvailable");
                 assert_eq!(c["status"], "True");
                 assert_eq!(c["reason"], "AgentConnected");
@@ -320,26 +416,71 @@ mod tests {
                     1,
                     "only conditions"
                 );
-                req.reply(200, &cluster);
+                assert!(req.body.get("spec").is_none());
+                let mut back = cluster.clone();
+                back.status.as_mut().unwrap().conditions = conditions.clone();
+                req.reply(200, &back);
             }
         );
         done.unwrap();
+        assert_eq!(path.0.load(Ordering::Relaxed), PATH_MAIN);
         // Once the condition is there, nothing is written.
-        let conditions = merge_condition(
-            &[],
-            CONDITION_AGENT_AVAILABLE,
-            "True",
-            "AgentConnected",
-            &connected().message,
-        )
-        .unwrap();
-        cluster.status = Some(crate::kube::crd::ClusterStatus {
-            conditions,
-            ..Default::default()
-        });
-        write_cluster_condition(&mock.client, &cluster, &connected())
+        cluster.status.as_mut().unwrap().conditions = conditions;
+        assert!(cluster_conditions(&cluster, &connected()).is_none());
+        write_cluster(&mock.client, &path, &cluster, None, None)
             .await
             .unwrap();
+        mock.assert_quiet().await;
+    }
+
+    #[tokio::test]
+    async fn a_crd_with_a_status_subresource_gets_status_written_there() {
+        let mock = Mock::new();
+        let path = StatusPath::default();
+        let mut cluster = proxy_cluster("gondor", Some("cluster-token-0123456789"));
+        cluster.metadata.resource_version = Some("42".into());
+        let conditions = cluster_conditions(&cluster, &connected()).unwrap();
+        let connection = serde_json::json!({ "kubesphereAPIEndpoint": "http://10.0.0.9:80" });
+        let (done, ()) = tokio::join!(
+            write_cluster(
+                &mock.client,
+                &path,
+                &cluster,
+                Some(connection),
+                Some(conditions.clone())
+            ),
+            async {
+                let main = mock.next().await;
+                main.assert_status_merge(MAIN, Some("42"));
+                assert_eq!(
+                    main.body["spec"]["connection"]["kubesphereAPIEndpoint"],
+                    "http://10.0.0.9:80"
+                );
+                // The subresource drops status from main-resource writes.
+                let mut back = cluster.clone();
+                back.metadata.resource_version = Some("43".into());
+                main.reply(200, &back);
+                let status = mock.next().await;
+                status.assert_status_merge(&format!("{MAIN}/status"), Some("43"));
+                assert_eq!(
+                    status.body["status"]["conditions"][0]["type"],
+                    "AgentAvailable"
+                );
+                status.reply(200, &back);
+            }
+        );
+        done.unwrap();
+        assert_eq!(path.0.load(Ordering::Relaxed), PATH_SUBRESOURCE);
+        // From then on status goes straight to /status.
+        let (done, ()) = tokio::join!(
+            write_cluster(&mock.client, &path, &cluster, None, Some(conditions)),
+            async {
+                let status = mock.next().await;
+                status.assert_status_merge(&format!("{MAIN}/status"), Some("42"));
+                status.reply(200, &cluster);
+            }
+        );
+        done.unwrap();
         mock.assert_quiet().await;
     }
 

@@ -58,7 +58,7 @@ impl Req {
         assert_eq!(self.query["force"], "true");
     }
 
-    /// Asserts a merge patch of `path` (a `/status`) guarded by `resource_version`.
+    /// Asserts a merge patch of `path` guarded by `resource_version`.
     pub fn assert_status_merge(&self, path: &str, resource_version: Option<&str>) {
         assert_eq!((self.method.as_str(), self.path.as_str()), ("PATCH", path));
         assert_eq!(self.content_type, MERGE);
@@ -258,6 +258,16 @@ pub(super) fn mock_ctx(
         agents: agent_store,
         backoff: Default::default(),
         seen_agents: Default::default(),
+        claimed_ports: Default::default(),
+        last_available: Default::default(),
+        recorder: kube::runtime::events::Recorder::new(
+            mock.client.clone(),
+            kube::runtime::events::Reporter {
+                controller: "tower-server".into(),
+                instance: Some("tower-0".into()),
+            },
+        ),
+        status_path: Default::default(),
     };
     (mock, Arc::new(ctx), dir)
 }
