@@ -1,0 +1,462 @@
+//! KubeSphere mode end to end against the test bed: a host cluster with the
+//! KubeSphere-shaped Cluster CRD, a Tower server in KubeSphere mode, and
+//! agents next to a member cluster. The set-up KubeSphere's own tower does,
+//! the per-cluster kube and ks listeners and whose identity reaches the
+//! member through each, and a quiet Cluster staying unwritten.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+use tower_agent::TokenSource;
+use tower_proto::names::UPSTREAM_KS_APISERVER;
+use tower_proto::token::{Claims, JoinToken, Secret};
+use tower_server::crd::{Cluster, ClusterSpec, Connection};
+use tower_tests::fixture::{
+    self, HttpsUpstream, KubeTowerServer, TowerAgent, agent_credential, eventually, kube_upstream,
+};
+use tower_tests::testbed::{ControlPlane, Testbed};
+
+tower_tests::shared_env!(Env, "kubesphere", start_env);
+
+/// Kube ports of this suite (ks ports are 10000 above), clear of other suites.
+const PORTS: std::ops::RangeInclusive<u16> = 16100..=16199;
+
+struct Env {
+    _bed: Testbed,
+    host: ControlPlane,
+    member: ControlPlane,
+    server: KubeTowerServer,
+    sa_token_file: PathBuf,
+    /// The member's ks-apiserver: answers `{method, path, authorization}`.
+    ks: HttpsUpstream,
+    dir: tempfile::TempDir,
+}
+
+async fn start_env() -> anyhow::Result<Env> {
+    let bed = fixture::start_logged_bed("tower-kubesphere.log").await?;
+    let mut clusters = bed.clusters(&["host", "member"]).await?;
+    let member = clusters.pop().expect("member");
+    let host = clusters.pop().expect("host");
+    let dir = tempfile::tempdir()?;
+    let server = KubeTowerServer::start(&host, dir.path(), "tower-server-0", |c| {
+        c.kubesphere = Some(tower_server::kube::KubeSphereConfig { ports: PORTS });
+        c.resync = Duration::from_secs(20);
+    })
+    .await?;
+    let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
+    let ks = HttpsUpstream::echo(dir.path()).await?;
+    Ok(Env {
+        _bed: bed,
+        host,
+        member,
+        server,
+        sa_token_file,
+        ks,
+        dir,
+    })
+}
+
+async fn cluster(client: &Client, name: &str) -> Option<Cluster> {
+    Api::<Cluster>::all(client.clone())
+        .get_opt(name)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// A Cluster as KubeSphere's console creates one for an agent connection.
+async fn create_proxy_cluster(client: &Client, name: &str) {
+    let c = Cluster {
+        metadata: ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        spec: ClusterSpec {
+            join_federation: Some(true),
+            enable: Some(true),
+            provider: Some("tower-test".into()),
+            connection: Some(Connection {
+                type_: Some("proxy".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        status: None,
+    };
+    Api::<Cluster>::all(client.clone())
+        .create(&PostParams::default(), &c)
+        .await
+        .unwrap();
+}
+
+async fn wait_condition(
+    client: &Client,
+    name: &str,
+    type_: &str,
+    status: &str,
+    timeout: Duration,
+) -> Cluster {
+    let found = eventually(timeout, || async {
+        let c = cluster(client, name).await?;
+        (c.condition(type_)?.status == status).then_some(c)
+    })
+    .await;
+    match found {
+        Some(c) => c,
+        None => panic!(
+            "cluster {name}: {type_} never became {status}; now {:?}",
+            cluster(client, name).await.and_then(|c| c.status)
+        ),
+    }
+}
+
+/// An in-process agent for `name` with the Cluster's own token, serving the
+/// member's kube-apiserver and the ks stand-in.
+async fn start_agent(env: &Env, name: &str, token: &str) -> TowerAgent {
+    let client = env.host.client().await.unwrap();
+    let info = Api::<ConfigMap>::namespaced(client, "kubesphere-system")
+        .get("tower-server")
+        .await
+        .unwrap();
+    let data = info.data.unwrap();
+    let join = JoinToken {
+        claims: Claims {
+            servers: vec![env.server.ssh_addr.to_string()],
+            host_key: data["hostKeyFingerprint"].clone(),
+            cluster: name.into(),
+            id: "cluster".into(),
+            expires: None,
+        },
+        secret: Secret::new(token),
+    };
+    TowerAgent::start_with(
+        TokenSource::Literal(join.encode()),
+        vec![
+            kube_upstream(&env.member, &env.sa_token_file),
+            env.ks
+                .upstream(UPSTREAM_KS_APISERVER, Some(&env.sa_token_file)),
+        ],
+    )
+    .unwrap()
+}
+
+/// One HTTP/1.1 request over a fresh connection (TLS with `ca_pem` when
+/// given, with `identity` as client certificate); status and body.
+async fn request(
+    addr: SocketAddr,
+    tls: Option<(&str, Option<&fixture::raw::Identity>)>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Bytes) {
+    let mut req = hyper::Request::get(path).header("host", "console.example");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Full::new(Bytes::new())).unwrap();
+    let resp = match tls {
+        Some((ca, identity)) => {
+            let io = fixture::raw::connect(addr, ca, identity, false)
+                .await
+                .unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        }
+        None => {
+            let io = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                    .await
+                    .unwrap();
+            tokio::spawn(conn);
+            sender.send_request(req).await.unwrap()
+        }
+    };
+    let status = resp.status().as_u16();
+    (status, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+/// The kubeconfig of `c` for kubectl on this machine: the test bed has no
+/// kube-proxy, so the Service address becomes the listener's own port, with
+/// the TLS server name kept (the DNAT a kube-proxy does).
+fn loopback_kubeconfig(c: &Cluster, dir: &Path, port: u16) -> PathBuf {
+    let conn = c.spec.connection.as_ref().unwrap();
+    let endpoint: http::Uri = conn
+        .kubernetes_api_endpoint
+        .as_deref()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut doc: serde_json::Value =
+        yaml_serde::from_slice(&conn.kubeconfig.as_ref().unwrap().0).unwrap();
+    let entry = &mut doc["clusters"][0]["cluster"];
+    entry["server"] = format!("https://127.0.0.1:{port}").into();
+    entry["tls-server-name"] = endpoint.host().unwrap().into();
+    let path = dir.join(format!("{}-loopback.kubeconfig", c.name_any()));
+    std::fs::write(&path, yaml_serde::to_string(&doc).unwrap()).unwrap();
+    path
+}
+
+const SELF_SUBJECT_REVIEW: &str =
+    r#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn set_up_listeners_and_identity_by_credential() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    create_proxy_cluster(&client, "minas").await;
+
+    // The one-time set-up, before any agent.
+    let c = wait_condition(
+        &client,
+        "minas",
+        "Initialized",
+        "True",
+        Duration::from_secs(20),
+    )
+    .await;
+    let conn = c.spec.connection.clone().unwrap();
+    let token = conn.token.clone().expect("a token is generated when empty");
+    assert!(token.len() >= 32, "{token}");
+    let kube_port = conn.kubernetes_api_server_port.unwrap();
+    assert!(PORTS.contains(&kube_port), "{kube_port}");
+    assert_eq!(conn.kubesphere_api_server_port, Some(kube_port + 10_000));
+    let svc = Api::<Service>::namespaced(client.clone(), "kubesphere-system")
+        .get("mc-minas")
+        .await
+        .unwrap();
+    let spec = svc.spec.clone().unwrap();
+    let ip = spec.cluster_ip.clone().unwrap();
+    let selector = spec.selector.clone().unwrap();
+    assert_eq!(selector["app"], "tower");
+    assert_eq!(selector["app.kubernetes.io/name"], "tower");
+    let ports: Vec<(i32, String)> = spec
+        .ports
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let target = match p.target_port.clone().unwrap() {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(i) => i.to_string(),
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => s,
+            };
+            (p.port, target)
+        })
+        .collect();
+    assert!(ports.contains(&(6443, kube_port.to_string())), "{ports:?}");
+    assert!(
+        ports.contains(&(80, (kube_port + 10_000).to_string())),
+        "{ports:?}"
+    );
+    let kube_endpoint = format!("https://{ip}:6443");
+    assert_eq!(
+        conn.kubernetes_api_endpoint.as_deref(),
+        Some(kube_endpoint.as_str())
+    );
+    assert_eq!(
+        conn.kubesphere_api_endpoint,
+        Some(format!("http://{ip}:80"))
+    );
+    let kubeconfig: serde_json::Value =
+        yaml_serde::from_slice(&conn.kubeconfig.clone().unwrap().0).unwrap();
+    assert_eq!(
+        kubeconfig["clusters"][0]["cluster"]["server"],
+        kube_endpoint
+    );
+    let c = wait_condition(
+        &client,
+        "minas",
+        "AgentAvailable",
+        "False",
+        Duration::from_secs(10),
+    )
+    .await;
+    let ks_addr: SocketAddr = format!("127.0.0.1:{}", kube_port + 10_000).parse().unwrap();
+    let kube_addr: SocketAddr = format!("127.0.0.1:{kube_port}").parse().unwrap();
+    let (code, body) = request(ks_addr, None, "/kapis/version", &[]).await;
+    assert_eq!(code, 503, "{}", String::from_utf8_lossy(&body));
+
+    // The agent connects with the Cluster's own token.
+    let agent = start_agent(env, "minas", &token).await;
+    let started = Instant::now();
+    wait_condition(
+        &client,
+        "minas",
+        "AgentAvailable",
+        "True",
+        Duration::from_secs(20),
+    )
+    .await;
+    eprintln!(
+        "kubesphere: agent up -> AgentAvailable=True in {:.2?}",
+        started.elapsed()
+    );
+
+    // kubectl with the Cluster's kubeconfig: the agent's identity.
+    let kc = loopback_kubeconfig(&c, env.dir.path(), kube_port);
+    let ns = fixture::kubectl(&kc, &["get", "ns", "-o", "name"], None)
+        .await
+        .unwrap();
+    assert!(ns.contains("namespace/default"), "{ns}");
+    let review = fixture::kubectl(
+        &kc,
+        &["create", "-f", "-", "-o", "json"],
+        Some(SELF_SUBJECT_REVIEW),
+    )
+    .await
+    .unwrap();
+    assert!(
+        review.contains("system:serviceaccount:tower-system:tower-agent"),
+        "{review}"
+    );
+
+    // A bearer-only caller (as kubefed's KubeFedCluster is) keeps its identity.
+    let other = env
+        .member
+        .service_account_token("kubefed-test", "kubefed", false)
+        .await
+        .unwrap();
+    let ca = env.server_ca().await;
+    let auth = format!("Bearer {other}");
+    let (code, body) = post_review(kube_addr, &ca, &auth).await;
+    assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
+    let review: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        review["status"]["userInfo"]["username"],
+        "system:serviceaccount:kubefed-test:kubefed"
+    );
+    // A bad bearer token is the member's 401, not the agent's identity.
+    let (code, body) = request(
+        kube_addr,
+        Some((&ca, None)),
+        "/api/v1/namespaces",
+        &[("authorization", "Bearer not-a-token")],
+    )
+    .await;
+    assert_eq!(code, 401, "{}", String::from_utf8_lossy(&body));
+    // No credential at all: 401 Status from tower, nothing reaches the member.
+    let (code, body) = request(kube_addr, Some((&ca, None)), "/api/v1/namespaces", &[]).await;
+    assert_eq!(code, 401);
+    fixture::http::assert_status(&body, 401, "Unauthorized");
+
+    // The ks listener: plain HTTP, member-relative paths, the caller's
+    // Authorization unchanged and nothing added.
+    let (code, body) = request(
+        ks_addr,
+        None,
+        "/kapis/tenant.kubesphere.io/v1alpha2/workspaces?limit=1",
+        &[("authorization", "Bearer user-jwt")],
+    )
+    .await;
+    assert_eq!(code, 200, "{}", String::from_utf8_lossy(&body));
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        echo["path"],
+        "/kapis/tenant.kubesphere.io/v1alpha2/workspaces?limit=1"
+    );
+    assert_eq!(echo["authorization"], "Bearer user-jwt");
+    let (code, body) = request(ks_addr, None, "/kapis/version", &[]).await;
+    assert_eq!(code, 200);
+    let echo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert!(
+        echo["authorization"].is_null(),
+        "the agent added a credential: {echo}"
+    );
+
+    // A quiet cluster: nobody writes it, its Agent or its Service.
+    let settle = Duration::from_secs(3);
+    tokio::time::sleep(settle).await;
+    let versions = |client: Client| async move {
+        let c = cluster(&client, "minas").await.unwrap().resource_version();
+        let a = Api::<tower_server::crd::Agent>::all(client.clone())
+            .get_opt("minas")
+            .await
+            .unwrap()
+            .map(|a| a.resource_version());
+        let s = Api::<Service>::namespaced(client, "kubesphere-system")
+            .get("mc-minas")
+            .await
+            .unwrap()
+            .resource_version();
+        (c, a, s)
+    };
+    let before = versions(client.clone()).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        versions(client.clone()).await,
+        before,
+        "written during a quiet minute"
+    );
+
+    // The agent goes: AgentAvailable False within seconds, and an Event says so.
+    agent.kill();
+    let gone = Instant::now();
+    wait_condition(
+        &client,
+        "minas",
+        "AgentAvailable",
+        "False",
+        Duration::from_secs(15),
+    )
+    .await;
+    eprintln!(
+        "kubesphere: agent killed -> AgentAvailable=False in {:.2?}",
+        gone.elapsed()
+    );
+    let events = env
+        .host
+        .run_kubectl(&["get", "events.events.k8s.io", "-A", "-o", "json"], None)
+        .await
+        .unwrap();
+    assert!(events.contains("AgentDisconnected"), "{events}");
+}
+
+async fn post_review(addr: SocketAddr, ca: &str, auth: &str) -> (u16, Bytes) {
+    let io = fixture::raw::connect(addr, ca, None, false).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = hyper::Request::post("/apis/authentication.k8s.io/v1/selfsubjectreviews")
+        .header("host", "127.0.0.1")
+        .header("authorization", auth)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            SELF_SUBJECT_REVIEW.as_bytes(),
+        )))
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    let code = resp.status().as_u16();
+    (code, resp.into_body().collect().await.unwrap().to_bytes())
+}
+
+impl Env {
+    /// The tower CA, as kubeconfigs carry it.
+    async fn server_ca(&self) -> String {
+        let client = self.host.client().await.unwrap();
+        let c = eventually(Duration::from_secs(10), || async {
+            cluster(&client, "minas").await?.spec.connection?.kubeconfig
+        })
+        .await
+        .unwrap();
+        let doc: serde_json::Value = yaml_serde::from_slice(&c.0).unwrap();
+        use base64::Engine;
+        let pem = base64::engine::general_purpose::STANDARD
+            .decode(
+                doc["clusters"][0]["cluster"]["certificate-authority-data"]
+                    .as_str()
+                    .unwrap(),
+            )
+            .unwrap();
+        String::from_utf8(pem).unwrap()
+    }
+}
