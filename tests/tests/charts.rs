@@ -637,7 +637,28 @@ async fn chart_crds_serve_the_controllers_types() {
         configz: Some([("monitoring".to_string(), true)].into()),
         uid: Some("6f3c2a8e-0000-4000-8000-000000000001".into()),
     };
-    let got = status_round_trip(&clusters, name, &status).await;
+    // KubeSphere's Cluster CRD has no status subresource: status goes
+    // through the main resource, and `/status` does not exist.
+    let no_subresource = clusters
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": { "uid": "x" } })),
+        )
+        .await;
+    assert!(
+        matches!(&no_subresource, Err(kube::Error::Api(s)) if s.code == 404),
+        "{no_subresource:?}"
+    );
+    clusters
+        .patch(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({ "status": status })),
+        )
+        .await
+        .unwrap();
+    let got = clusters.get(name).await.unwrap();
     assert_eq!(got.spec, spec, "Cluster spec fields were dropped");
     assert_eq!(
         got.status,

@@ -460,3 +460,152 @@ impl Env {
         String::from_utf8(pem).unwrap()
     }
 }
+
+/// Reads from `io` until `needle` shows (or 15 s); all that was read.
+async fn read_until<R: tokio::io::AsyncRead + Unpin>(io: &mut R, needle: &str) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !String::from_utf8_lossy(&buf).contains(needle) && Instant::now() < deadline {
+        let mut chunk = [0u8; 4096];
+        match tokio::time::timeout(Duration::from_secs(15), io.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&buf).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubectl_watch_and_upgrades_through_the_cluster_listeners() {
+    use tokio::io::AsyncWriteExt;
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    create_proxy_cluster(&client, "osgiliath").await;
+    let c = wait_condition(
+        &client,
+        "osgiliath",
+        "Initialized",
+        "True",
+        Duration::from_secs(20),
+    )
+    .await;
+    let conn = c.spec.connection.clone().unwrap();
+    let kube_port = conn.kubernetes_api_server_port.unwrap();
+    let _agent = start_agent(env, "osgiliath", conn.token.as_deref().unwrap()).await;
+    let c = wait_condition(
+        &client,
+        "osgiliath",
+        "AgentAvailable",
+        "True",
+        Duration::from_secs(20),
+    )
+    .await;
+    let kc = loopback_kubeconfig(&c, env.dir.path(), kube_port);
+    let k = |args: &'static [&'static str], stdin: Option<&'static str>| {
+        let kc = kc.clone();
+        async move {
+            fixture::kubectl(&kc, args, stdin)
+                .await
+                .unwrap_or_else(|e| panic!("{e:#}"))
+        }
+    };
+
+    // CRUD and a watch, as on a direct cluster.
+    assert!(
+        k(&["get", "--raw", "/version"], None)
+            .await
+            .contains("v1.35")
+    );
+    k(&["create", "namespace", "osg"], None).await;
+    let mut watch = tokio::process::Command::new(tower_tests::testbed::kubectl_bin());
+    watch
+        .arg(format!("--kubeconfig={}", kc.display()))
+        .args([
+            "get",
+            "cm",
+            "-n",
+            "osg",
+            "-w",
+            "--output-watch-events",
+            "-o",
+            "custom-columns=EVENT:.type,NAME:.object.metadata.name",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let mut watch = watch.spawn().unwrap();
+    let mut stdout = watch.stdout.take().unwrap();
+    let events = tokio::spawn(async move { read_until(&mut stdout, "DELETED").await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    k(
+        &[
+            "create",
+            "configmap",
+            "demo",
+            "-n",
+            "osg",
+            "--from-literal=a=1",
+        ],
+        None,
+    )
+    .await;
+    k(&["apply", "-f", "-"], Some("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: demo\n  namespace: osg\ndata:\n  a: \"2\"\n")).await;
+    let got = k(
+        &[
+            "get",
+            "configmap",
+            "demo",
+            "-n",
+            "osg",
+            "-o",
+            "jsonpath={.data.a}",
+        ],
+        None,
+    )
+    .await;
+    assert_eq!(got.trim(), "2");
+    k(&["delete", "configmap", "demo", "-n", "osg"], None).await;
+    let seen = events.await.unwrap();
+    for want in ["ADDED", "MODIFIED", "DELETED"] {
+        assert!(seen.contains(want), "watch saw {seen:?}, missing {want}");
+    }
+
+    // A WebSocket watch through the kube listener, with the kubeconfig's
+    // certificate and with a bearer-only caller.
+    let ca = env.server_ca().await;
+    let kube_addr: SocketAddr = format!("127.0.0.1:{kube_port}").parse().unwrap();
+    let id = fixture::identity_from_kubeconfig(
+        &String::from_utf8(conn.kubeconfig.clone().unwrap().0).unwrap(),
+    )
+    .unwrap();
+    let admin = format!("Authorization: Bearer {}\r\n", env.member.admin_token());
+    for (identity, auth) in [(Some(&id), String::new()), (None, admin)] {
+        let mut tls = fixture::raw::connect(kube_addr, &ca, identity, false)
+            .await
+            .unwrap();
+        let req = format!(
+            "GET /api/v1/namespaces/osg/configmaps?watch=true HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\
+             Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://127.0.0.1\r\n\r\n"
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let text = read_until(&mut tls, "kube-root-ca.crt").await;
+        assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+        assert!(text.contains("ADDED"), "{text}");
+    }
+
+    // The ks listener splices an upgrade (a console terminal's WebSocket).
+    let ks_addr: SocketAddr = format!("127.0.0.1:{}", kube_port + 10_000).parse().unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(ks_addr).await.unwrap();
+    tcp.write_all(b"GET /kapis/terminal HTTP/1.1\r\nHost: console.example\r\nAuthorization: Bearer user-jwt\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_until(&mut tcp, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp.write_all(b"ping through the ks listener")
+        .await
+        .unwrap();
+    let back = read_until(&mut tcp, "ping through the ks listener").await;
+    assert!(back.contains("ping through the ks listener"), "{back}");
+}
