@@ -291,6 +291,16 @@ async fn dispatcher_forwards_keeping_host_and_authorization_and_splices_websocke
         }),
     )
     .await;
+    create_cluster(
+        &host,
+        serde_json::json!({
+            "apiVersion": "cluster.kubesphere.io/v1alpha1", "kind": "Cluster",
+            "metadata": { "name": "disp-direct" },
+            "spec": { "connection": { "type": "direct", "kubeconfig": member_kubeconfig(env) } },
+            "status": { "conditions": ready_condition() },
+        }),
+    )
+    .await;
     let dispatcher = Dispatcher::start(host.clone(), dialer, Some(SECRET.to_vec()))
         .await
         .unwrap();
@@ -383,6 +393,19 @@ async fn dispatcher_forwards_keeping_host_and_authorization_and_splices_websocke
     )
     .await;
     assert_eq!(s, 404);
+    // A direct cluster without a ks endpoint: through the member kube-apiserver's service
+    // proxy, where this member has no ks-apiserver Service.
+    let (s, body) = request(
+        dispatcher.addr(),
+        "/kapis/clusters/disp-direct/version",
+        &[("authorization", &auth)],
+    )
+    .await;
+    assert_eq!(s, 404, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("ks-apiserver"),
+        "{body}"
+    );
     // A token the host cannot verify stops at the host.
     let forged = bearer(&mint_jwt(b"other", "bob", Duration::from_secs(600)));
     let before = ks.requests().len();
@@ -516,6 +539,19 @@ async fn webhook_refuses_an_update_whose_kubeconfig_misses_the_member() {
 
 // === controller ===
 
+/// The controller's write counts once they stop moving for 700 ms.
+async fn settled(controller: &ClusterController) -> kubesphere::WriteCounts {
+    let mut last = controller.writes();
+    loop {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let now = controller.writes();
+        if now == last {
+            return last;
+        }
+        last = now;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controller_writes_status_through_the_main_resource() {
     let env = env();
@@ -592,15 +628,7 @@ async fn controller_writes_status_through_the_main_resource() {
     assert!(managers.contains(&"controller-manager"), "{managers:?}");
 
     // Settle: its own endpoint write is a spec change, which the real one syncs again too.
-    let mut last = controller.writes();
-    loop {
-        tokio::time::sleep(Duration::from_millis(700)).await;
-        let now = controller.writes();
-        if now == last {
-            break;
-        }
-        last = now;
-    }
+    let last = settled(&controller).await;
     assert_eq!(last.finalizer, 1, "{last:?}");
     assert_eq!(last.status, 1, "{last:?}");
 
@@ -636,4 +664,201 @@ async fn controller_writes_status_through_the_main_resource() {
         get_cluster(&host, "ctl").await["metadata"]["resourceVersion"],
         rv2
     );
+}
+
+// === kube-proxy stand-in ===
+
+/// Serves HTTPS on `listener` with a certificate for `ip` only, answering `/version`.
+fn serve_version(listener: tokio::net::TcpListener, ca: &tower_certs::Ca, ip: &str) {
+    let serving = ca.issue_server(&[ip], Duration::from_secs(3600)).unwrap();
+    let mut tls = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            tower_certs::parse_certs(&serving.cert_pem).unwrap(),
+            tower_certs::parse_key(&serving.key_pem).unwrap(),
+        )
+        .unwrap();
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    tokio::spawn(async move {
+        while let Ok((sock, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(sock).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    let body =
+                        serde_json::json!({ "major": "9", "minor": "9", "gitVersion": "v9.9.9" });
+                    Ok::<_, std::convert::Infallible>(
+                        hyper::Response::builder()
+                            .header("content-type", "application/json")
+                            .body(Full::new(Bytes::from(body.to_string())))
+                            .unwrap(),
+                    )
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_dialer_keeps_the_cluster_ip_as_tls_identity() {
+    tower_tests::testbed::install_crypto_provider();
+    let env = env();
+    let host = env.host.client().await.unwrap();
+    let dialer = ServiceDialer::new(host.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let ip = create_service(&host, "dial", &[(6443, port)]).await;
+    let ca = tower_certs::Ca::generate("dial-ca").unwrap();
+    // The certificate names the ClusterIP only: verification passes only if the ClusterIP
+    // stays the TLS server name while the connection goes to 127.0.0.1.
+    serve_version(listener, &ca, &ip);
+
+    assert_eq!(
+        dialer.resolve(&ip, 6443).await.unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], port))
+    );
+    assert!(
+        dialer.resolve(&ip, 80).await.is_err(),
+        "no such Service port"
+    );
+    assert_eq!(
+        dialer
+            .resolve(&format!("mc-dial.{KUBESPHERE_NAMESPACE}.svc"), 6443)
+            .await
+            .unwrap()
+            .port(),
+        port
+    );
+
+    let kubeconfig = serde_json::json!({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{ "name": "c", "cluster": {
+            "server": format!("https://{ip}:6443"),
+            "certificate-authority-data": tower_certs::base64(ca.cert_pem().as_bytes()),
+        }}],
+        "users": [{ "name": "u", "user": { "token": "t" } }],
+        "contexts": [{ "name": "c", "context": { "cluster": "c", "user": "u" } }],
+        "current-context": "c",
+    })
+    .to_string();
+    let (client, server) = dialer.client(kubeconfig.as_bytes()).await.unwrap();
+    assert_eq!(server, format!("https://{ip}:6443"));
+    assert_eq!(
+        client.apiserver_version().await.unwrap().git_version,
+        "v9.9.9"
+    );
+
+    let rewritten = dialer
+        .rewrite_kubeconfig(kubeconfig.as_bytes())
+        .await
+        .unwrap();
+    assert!(
+        rewritten.contains(&format!("https://127.0.0.1:{port}")),
+        "{rewritten}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kubeconfig");
+    std::fs::write(&file, &rewritten).unwrap();
+    let out = fixture::kubectl(&file, &["get", "--raw", "/version"], None)
+        .await
+        .unwrap();
+    assert!(out.contains("v9.9.9"), "{out}");
+}
+
+// === controller and webhook together ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_refuses_the_controllers_not_ready_while_the_member_is_unreachable() {
+    let env = env();
+    let host = env.host.client().await.unwrap();
+    let dialer = ServiceDialer::new(host.clone());
+    let webhook = ClusterWebhook::start(
+        host.clone(),
+        dialer.clone(),
+        WebhookOptions {
+            configuration_name: "cluster.kubesphere.io-standin-interplay".into(),
+            object_selector: Some(("standin-test".into(), "interplay".into())),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let controller = ClusterController::start(
+        host.clone(),
+        dialer,
+        ControllerOptions {
+            resync: Duration::from_secs(3600),
+            label_selector: Some("standin-test=interplay".into()),
+            ..Default::default()
+        },
+    );
+    // The member behind a Service, as tower's kube listener would be.
+    let ip = create_service(&host, "gone", &[(6443, env.member.port())]).await;
+    let kubeconfig = env
+        .member
+        .token_kubeconfig(env.member.admin_token())
+        .unwrap()
+        .replace(&env.member.url, &format!("https://{ip}:6443"));
+    let mut kubeconfig: serde_json::Value = yaml_serde::from_str(&kubeconfig).unwrap();
+    // The member's serving certificate names 127.0.0.1, not the ClusterIP.
+    kubeconfig["clusters"][0]["cluster"]["tls-server-name"] = "127.0.0.1".into();
+    create_cluster(
+        &host,
+        serde_json::json!({
+            "apiVersion": "cluster.kubesphere.io/v1alpha1", "kind": "Cluster",
+            "metadata": { "name": "gone", "labels": { "standin-test": "interplay" } },
+            "spec": { "joinFederation": true, "connection": {
+                "type": "proxy",
+                "kubeconfig": tower_certs::base64(kubeconfig.to_string().as_bytes()),
+            }},
+        }),
+    )
+    .await;
+    eventually(Duration::from_secs(15), || async {
+        let c = get_cluster(&host, "gone").await;
+        (c["status"]["uid"] == env.member_uid.as_str() && kubesphere::is_cluster_ready(&c))
+            .then_some(())
+    })
+    .await
+    .expect("Ready with the member's uid");
+
+    settled(&controller).await;
+    // The member drops off: the Service now leads nowhere.
+    let services = Api::<Service>::namespaced(host.clone(), KUBESPHERE_NAMESPACE);
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    services
+        .patch(
+            "mc-gone",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({
+                "spec": { "ports": [{ "name": "p0", "port": 6443, "targetPort": dead_port }] }
+            })),
+        )
+        .await
+        .unwrap();
+    let before = controller.writes();
+    let refusals = webhook.refusals();
+    let err = controller
+        .reconcile_now("gone")
+        .await
+        .expect_err("join fails");
+    assert!(format!("{err:#}").contains("joining cluster"), "{err:#}");
+    let after = controller.writes();
+    assert_eq!(after.refused, before.refused + 1, "{after:?}");
+    assert_eq!(after.total(), before.total(), "{after:?}");
+    assert!(webhook.refusals() > refusals);
+    // So the Cluster still says Ready (kubesphere/kubesphere#5125).
+    assert!(kubesphere::is_cluster_ready(
+        &get_cluster(&host, "gone").await
+    ));
+    controller.stop();
+    webhook.unregister().await.unwrap();
 }

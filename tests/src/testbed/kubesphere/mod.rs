@@ -115,3 +115,47 @@ pub fn is_cluster_ready(cluster: &serde_json::Value) -> bool {
                 .any(|c| c["type"] == "Ready" && c["status"] == "True")
         })
 }
+
+/// The KubeSphere parts that run on the host, started together: the kube-proxy stand-in,
+/// ks-apiserver's dispatcher, and ks-controller-manager's cluster controller and webhook.
+pub struct KubeSphereHost {
+    pub dialer: ServiceDialer,
+    pub dispatcher: Dispatcher,
+    pub controller: ClusterController,
+    pub webhook: ClusterWebhook,
+}
+
+impl KubeSphereHost {
+    /// Installs the Cluster CRD in KubeSphere's shape ([`install_cluster_crd`]) and starts every
+    /// host part against `host`, the dispatcher verifying JWTs with `jwt_secret`.
+    pub async fn start(
+        host: &ControlPlane,
+        jwt_secret: &[u8],
+        controller: ControllerOptions,
+        webhook: WebhookOptions,
+    ) -> anyhow::Result<Self> {
+        install_cluster_crd(host).await?;
+        let client = host.client().await?;
+        let dialer = ServiceDialer::new(client.clone());
+        let webhook = ClusterWebhook::start(client.clone(), dialer.clone(), webhook).await?;
+        let dispatcher =
+            Dispatcher::start(client.clone(), dialer.clone(), Some(jwt_secret.to_vec())).await?;
+        let controller = ClusterController::start(client, dialer.clone(), controller);
+        Ok(Self {
+            dialer,
+            dispatcher,
+            controller,
+            webhook,
+        })
+    }
+
+    /// Stops the controller and the dispatcher and removes the webhook's registration (a
+    /// registration left behind with `failurePolicy: Fail` refuses every Cluster UPDATE).
+    pub async fn stop(&self) -> anyhow::Result<()> {
+        self.controller.stop();
+        self.dispatcher.stop();
+        self.webhook.unregister().await?;
+        self.webhook.stop();
+        Ok(())
+    }
+}
