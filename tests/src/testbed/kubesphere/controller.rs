@@ -480,7 +480,7 @@ impl Inner {
                     Write::Status(old) if same_but_timestamps(old, cluster) => {
                         &self.counters.timestamps_only
                     }
-                    Write::Status(_) => &self.counters.status,
+                    Write::Status(_) | Write::Spec => &self.counters.status,
                 };
                 counter.fetch_add(1, Ordering::SeqCst);
                 Ok(serde_json::to_value(&written)?)
@@ -533,7 +533,7 @@ impl Inner {
                 let managed = host["metadata"]["labels"]["kubesphere.io/managed"] == "true";
                 if managed && host["spec"]["connection"]["kubeconfig"] != encoded {
                     host["spec"]["connection"]["kubeconfig"] = encoded.into();
-                    self.update(&api, &name, &host, Write::Finalizer).await?;
+                    self.update(&api, &name, &host, Write::Spec).await?;
                 }
             }
             n => {
@@ -545,7 +545,11 @@ impl Inner {
 }
 
 enum Write<'a> {
+    /// The finalizer added or removed.
     Finalizer,
+    /// The host Cluster's kubeconfig (counted with status writes).
+    Spec,
+    /// The status (and the endpoint), against the object as read.
     Status(&'a serde_json::Value),
 }
 
