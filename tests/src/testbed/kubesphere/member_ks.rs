@@ -355,7 +355,10 @@ pub(crate) fn authenticate(header: Option<&HeaderValue>, secret: &[u8]) -> Authn
 /// Verifies an HS256 token the way `issuer.Verify` does: signature (HS256 only here; RS256
 /// ID tokens are not access tokens), then `exp`, then `iat` with a 10 s clock skew
 /// (authentication options' `maximumClockSkew` default). `token_type` is not checked, as in
-/// KubeSphere.
+/// KubeSphere, and no token cache is consulted: a member runs with `accessTokenMaxAge: 0`
+/// (ks-installer v3.4.1 roles/ks-core/config/templates/kubesphere-config.yaml.j2 ~15-17), which
+/// skips the cache (kubesphere v3.4.1 pkg/models/auth/token.go ~77-90). The real one also
+/// needs a User object of that name (authenticators/jwt/jwt.go ~63-71); the stand-in does not.
 pub(crate) fn verify_jwt(token: &str, secret: &[u8]) -> Result<Claims, String> {
     let segments: Vec<&str> = token.split('.').collect();
     if segments.len() != 3 {
