@@ -862,3 +862,44 @@ async fn webhook_refuses_the_controllers_not_ready_while_the_member_is_unreachab
     controller.stop();
     webhook.unregister().await.unwrap();
 }
+
+// === all host parts together ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubesphere_host_starts_and_stops_cleanly() {
+    let env = env();
+    let ks = kubesphere::KubeSphereHost::start(
+        &env.host,
+        SECRET,
+        ControllerOptions {
+            label_selector: Some("standin-test=bundle".into()),
+            ..Default::default()
+        },
+        WebhookOptions {
+            configuration_name: "cluster.kubesphere.io-standin-bundle".into(),
+            object_selector: Some(("standin-test".into(), "bundle".into())),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (s, body) = request(
+        ks.dispatcher.addr(),
+        "/kapis/clusters/none-such/x/v1/y",
+        &[],
+    )
+    .await;
+    assert_eq!(s, 400, "{body}");
+    ks.stop().await.unwrap();
+    let configs =
+        Api::<k8s_openapi::api::admissionregistration::v1::ValidatingWebhookConfiguration>::all(
+            env.host.client().await.unwrap(),
+        );
+    assert!(
+        configs
+            .get_opt("cluster.kubesphere.io-standin-bundle")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

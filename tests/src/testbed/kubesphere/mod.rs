@@ -40,9 +40,9 @@ pub use console::{ConsoleCluster, create_agent_cluster};
 pub use controller::{ClusterController, ControllerOptions, SyncOutcome, WriteCounts};
 pub use dispatcher::{Dispatcher, cluster_of_path};
 pub use member_ks::{
-    KsRequest, MemberKs, MemberKsConfig, TERMINAL_PATH_PREFIX, WHOAMI_PATH, mint_jwt,
+    KsRequest, KubeUpstream, MemberKs, MemberKsConfig, TERMINAL_PATH_PREFIX, WHOAMI_PATH, mint_jwt,
 };
-pub use service_dialer::ServiceDialer;
+pub use service_dialer::{Endpoint, ServiceDialer};
 pub use webhook::{ClusterWebhook, WebhookOptions, WebhookReview};
 
 /// KubeSphere's own namespace, where tower's `mc-<cluster>` Services live.
