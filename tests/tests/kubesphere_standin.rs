@@ -664,6 +664,24 @@ async fn controller_writes_status_through_the_main_resource() {
         get_cluster(&host, "ctl").await["metadata"]["resourceVersion"],
         rv2
     );
+    quiet.stop();
+
+    // With the controller gone, only a helper removes the finalizer so the Cluster can go.
+    clusters_api(host.clone())
+        .delete("ctl", &Default::default())
+        .await
+        .unwrap();
+    kubesphere::remove_finalizer(&host, "ctl").await.unwrap();
+    let gone = eventually(Duration::from_secs(10), || async {
+        clusters_api(host.clone())
+            .get_opt("ctl")
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the Cluster stayed");
 }
 
 // === kube-proxy stand-in ===

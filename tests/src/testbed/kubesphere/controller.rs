@@ -658,3 +658,32 @@ fn same_but_timestamps(a: &serde_json::Value, b: &serde_json::Value) -> bool {
     }
     normal(a) == normal(b)
 }
+
+/// Removes KubeSphere's finalizer from Cluster `name`, for tests that delete a Cluster after
+/// the controller stopped (nothing else would ever remove it). A missing Cluster is fine.
+pub async fn remove_finalizer(host: &kube::Client, name: &str) -> anyhow::Result<()> {
+    let api = clusters_api(host.clone());
+    let Some(obj) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let finalizers: Vec<String> = obj
+        .metadata
+        .finalizers
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|f| f != CLUSTER_FINALIZER)
+        .collect();
+    let patch = serde_json::json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": obj.metadata.resource_version,
+        }
+    });
+    api.patch(
+        name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}

@@ -37,7 +37,9 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use super::ControlPlane;
 
 pub use console::{ConsoleCluster, create_agent_cluster};
-pub use controller::{ClusterController, ControllerOptions, SyncOutcome, WriteCounts};
+pub use controller::{
+    ClusterController, ControllerOptions, SyncOutcome, WriteCounts, remove_finalizer,
+};
 pub use dispatcher::{Dispatcher, cluster_of_path};
 pub use member_ks::{
     KsRequest, KubeUpstream, MemberKs, MemberKsConfig, TERMINAL_PATH_PREFIX, WHOAMI_PATH, mint_jwt,
