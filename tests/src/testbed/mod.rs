@@ -3,6 +3,8 @@
 //! - [`bin_dir`] builds (or reuses) the control-plane binaries with `tests/testbed/build.sh`.
 //! - [`Testbed`] owns a temporary directory and one etcd; [`Testbed::cluster`] starts a
 //!   [`ControlPlane`] (a kube-apiserver with its own CA, certificates and `--etcd-prefix`) on it.
+//! - [`kubesphere`] is a KubeSphere 3.4 stand-in (dispatcher, member ks-apiserver, cluster
+//!   controller, webhook, kube-proxy) for tests of tower in KubeSphere mode.
 //! - [`Process`] is a child process that cannot outlive the test process: it is killed on
 //!   drop, at exit, and (through `PR_SET_PDEATHSIG`) when the test process dies.
 //!
@@ -15,6 +17,7 @@
 
 mod bed;
 mod cluster;
+pub mod kubesphere;
 mod probe;
 mod process;
 
