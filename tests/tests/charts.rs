@@ -237,6 +237,15 @@ fn helm_lint_is_clean_for_both_charts() {
                 "podDisruptionBudget.minAvailable=1",
             ],
         ),
+        (
+            "tower-server",
+            &[
+                "-f",
+                "tower-server/values-kubesphere.yaml",
+                "--set",
+                "sshAddress={203.0.113.10:8080},kubesphere.listenHost=0.0.0.0",
+            ],
+        ),
         ("tower-agent", &[]),
         ("tower-agent", &["--set", "joinToken=tower1.abc.def"]),
         (
@@ -252,7 +261,18 @@ fn helm_lint_is_clean_for_both_charts() {
     for (name, sets) in cases {
         let chart = chart(name);
         let mut args = vec!["lint", "--strict", "--kube-version", KUBE_VERSION, &chart];
-        args.extend_from_slice(sets);
+        // Values files are named relative to charts/.
+        let sets: Vec<String> = sets
+            .iter()
+            .map(|s| {
+                if s.ends_with(".yaml") {
+                    charts_dir().join(s).display().to_string()
+                } else {
+                    s.to_string()
+                }
+            })
+            .collect();
+        args.extend(sets.iter().map(String::as_str));
         let (ok, out, err) = helm(&args);
         assert!(ok, "helm {} failed:\n{out}\n{err}", args.join(" "));
         assert!(
@@ -274,7 +294,7 @@ fn helm_lint_is_clean_for_both_charts() {
     assert!(!ok, "rbac.mode=everything rendered:\n{out}");
     assert!(err.contains("rbac.mode must be"), "{err}");
     eprintln!(
-        "charts: helm lint (5 value sets) in {:.2?}",
+        "charts: helm lint (6 value sets) in {:.2?}",
         started.elapsed()
     );
 }
@@ -295,6 +315,22 @@ fn chart_settings_are_the_binaries_flags() {
                 &[
                     "--set",
                     "sshAddress={tower.example.com:7022}",
+                    "--show-only",
+                    "templates/deployment.yaml",
+                ],
+            ),
+        ),
+        (
+            "tower-server",
+            template(
+                "tower",
+                "tower-server",
+                SERVER_NS,
+                &[
+                    "-f",
+                    &charts_dir().join(KS_VALUES).display().to_string(),
+                    "--set",
+                    "sshAddress={203.0.113.10:8080},kubesphere.listenHost=0.0.0.0",
                     "--show-only",
                     "templates/deployment.yaml",
                 ],
@@ -326,6 +362,12 @@ fn chart_settings_are_the_binaries_flags() {
             if let Some(var) = line.strip_prefix("- name: ")
                 && (var.starts_with("TOWER_") || var == "POD_NAME")
             {
+                // KubeSphere mode is being added to the server while the chart
+                // already sets it: checked as soon as the binary has the flag.
+                if var.starts_with("TOWER_KUBESPHERE") && !help.contains("--kubesphere") {
+                    eprintln!("charts: {bin} has no --kubesphere yet; {var} not checked");
+                    continue;
+                }
                 assert!(
                     help.contains(&format!("[env: {var}")),
                     "the {bin} chart sets {var}, which `{bin} --help` does not list:\n{help}"
@@ -1064,4 +1106,627 @@ async fn server_runs_with_only_the_charts_rbac() {
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     let _ = clusters.delete(name, &Default::default()).await;
     let _ = agents.delete(name, &Default::default()).await;
+}
+
+// === KubeSphere mode and the takeover of ks-installer's Go tower ===
+
+const KS_VALUES: &str = "tower-server/values-kubesphere.yaml";
+/// The labels KubeSphere's objects select Tower's pods by: the `mc-<cluster>`
+/// Services and ks-installer's Deployment `tower` and (in part) Service `tower`.
+const KS_POD_LABELS: [(&str, &str); 2] = [("app", "tower"), ("app.kubernetes.io/name", "tower")];
+
+/// The documents of a rendered manifest, by `(kind, name)`.
+fn documents(manifest: &str) -> BTreeMap<(String, String), serde_json::Value> {
+    manifest
+        .split("\n---")
+        .filter_map(|doc| yaml_serde::from_str::<serde_json::Value>(doc).ok())
+        .filter(|v| v.is_object())
+        .map(|v| {
+            let kind = v["kind"].as_str().unwrap_or_default().to_string();
+            let name = v["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            ((kind, name), v)
+        })
+        .collect()
+}
+
+fn doc<'a>(
+    docs: &'a BTreeMap<(String, String), serde_json::Value>,
+    kind: &str,
+    name: &str,
+) -> &'a serde_json::Value {
+    docs.get(&(kind.to_string(), name.to_string()))
+        .unwrap_or_else(|| {
+            panic!(
+                "{kind} {name} not rendered; have {:?}",
+                docs.keys().collect::<Vec<_>>()
+            )
+        })
+}
+
+/// `value` (a JSON object of strings) as a map.
+fn string_map(value: &serde_json::Value) -> BTreeMap<String, String> {
+    value
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn ks_labels() -> BTreeMap<String, String> {
+    KS_POD_LABELS
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The container's env as name -> value (plain values only).
+fn container_env(deployment: &serde_json::Value) -> BTreeMap<String, String> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap().to_string(),
+                e["value"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Whether a rendered (Cluster)Role grants `verb` on `group`/`resource`.
+fn grants(role: &serde_json::Value, group: &str, resource: &str, verb: &str) -> bool {
+    let has =
+        |v: &serde_json::Value, s: &str| v.as_array().is_some_and(|a| a.iter().any(|x| x == s));
+    role["rules"].as_array().is_some_and(|rules| {
+        rules.iter().any(|r| {
+            has(&r["apiGroups"], group)
+                && has(&r["resources"], resource)
+                && has(&r["verbs"], verb)
+                && r.get("resourceNames").is_none()
+        })
+    })
+}
+
+#[test]
+fn takeover_values_render_kubesphere_mode() {
+    let values = charts_dir().join(KS_VALUES).display().to_string();
+    let manifest = template(
+        "tower",
+        "tower-server",
+        SERVER_NS,
+        &["-f", &values, "--set", "sshAddress={203.0.113.10:8080}"],
+    );
+    let docs = documents(&manifest);
+
+    // Deployment `tower`: KubeSphere's selector and pod labels, KubeSphere mode on.
+    let deployment = doc(&docs, "Deployment", "tower");
+    assert_eq!(deployment["metadata"]["namespace"], SERVER_NS);
+    assert_eq!(
+        string_map(&deployment["spec"]["selector"]["matchLabels"]),
+        ks_labels(),
+        "the Deployment's selector must be ks-installer's, so mc- Services and Service tower select its pods"
+    );
+    let pod_labels = string_map(&deployment["spec"]["template"]["metadata"]["labels"]);
+    for (k, v) in KS_POD_LABELS {
+        assert_eq!(
+            pod_labels.get(k).map(String::as_str),
+            Some(v),
+            "pod label {k}"
+        );
+    }
+    let env = container_env(deployment);
+    assert_eq!(env["TOWER_KUBESPHERE"], "true");
+    assert_eq!(env["TOWER_KUBESPHERE_PORTS"], "6000-7000");
+    assert!(
+        !env.contains_key("TOWER_KUBESPHERE_LISTEN_HOST"),
+        "server default unless set"
+    );
+    assert_eq!(env["TOWER_SSH_ADDRESS"], "203.0.113.10:8080");
+    let args = &deployment["spec"]["template"]["spec"]["containers"][0]["args"];
+    assert!(
+        args.as_array().unwrap().iter().any(|a| a == "--kubernetes"),
+        "--kubesphere needs --kubernetes"
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "tower"
+    );
+
+    // Service `tower`: the Go tower's type, its port 8080 first and leading to
+    // the agent-facing (SSH) container port, selecting the pods above.
+    let service = doc(&docs, "Service", "tower");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    assert_eq!(
+        ports[0]["port"], 8080,
+        "ports[0] is what members' --proxy-server names"
+    );
+    assert_eq!(ports[0]["targetPort"], "ssh");
+    assert_eq!(ports[0]["protocol"], "TCP");
+    let container_ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
+        .as_array()
+        .unwrap();
+    assert!(
+        container_ports
+            .iter()
+            .any(|p| p["name"] == "ssh" && p["containerPort"] == 7022),
+        "targetPort ssh names the SSH listener"
+    );
+    assert_eq!(string_map(&service["spec"]["selector"]), ks_labels());
+    assert_eq!(service["spec"]["externalTrafficPolicy"], "Cluster");
+    assert_eq!(
+        service["metadata"]["annotations"]["helm.sh/resource-policy"], "keep",
+        "helm uninstall must not release the LoadBalancer address"
+    );
+    assert_eq!(
+        string_map(&doc(&docs, "PodDisruptionBudget", "tower")["spec"]["selector"]["matchLabels"]),
+        ks_labels()
+    );
+
+    // RBAC for KubeSphere mode.
+    let cluster_role = doc(&docs, "ClusterRole", "tower");
+    for verb in ["get", "list", "watch", "update", "patch"] {
+        assert!(
+            grants(cluster_role, "cluster.kubesphere.io", "clusters", verb),
+            "clusters {verb}"
+        );
+    }
+    assert!(grants(
+        cluster_role,
+        "cluster.kubesphere.io",
+        "clusters/status",
+        "patch"
+    ));
+    for group in ["", "events.k8s.io"] {
+        for verb in ["create", "patch"] {
+            assert!(
+                grants(cluster_role, group, "events", verb),
+                "events.{group} {verb}"
+            );
+        }
+    }
+    assert!(!grants(
+        cluster_role,
+        "cluster.kubesphere.io",
+        "clusters",
+        "delete"
+    ));
+    let role = doc(&docs, "Role", "tower");
+    assert_eq!(role["metadata"]["namespace"], SERVER_NS);
+    for verb in ["get", "list", "watch", "create", "update", "patch"] {
+        assert!(grants(role, "", "services", verb), "services {verb}");
+    }
+    assert!(!grants(role, "", "services", "delete"));
+    for kind in ["ServiceAccount", "ClusterRoleBinding", "RoleBinding"] {
+        doc(&docs, kind, "tower");
+    }
+    // The notes steer KubeSphere members away from `towerctl join`.
+    let chart = chart("tower-server");
+    let (ok, out, err) = helm(&[
+        "install",
+        "tower",
+        &chart,
+        "--dry-run=client",
+        "-n",
+        SERVER_NS,
+        "-f",
+        &values,
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("KubeSphere mode:") && out.contains("Do not run `towerctl join`"),
+        "{out}"
+    );
+}
+
+#[test]
+fn default_values_render_no_kubesphere_bits() {
+    let manifest = template("tower-server", "tower-server", SERVER_NS, &[]);
+    let docs = documents(&manifest);
+    let deployment = doc(&docs, "Deployment", "tower-server");
+    let selector = string_map(&deployment["spec"]["selector"]["matchLabels"]);
+    assert_eq!(
+        selector,
+        [
+            (
+                "app.kubernetes.io/instance".to_string(),
+                "tower-server".to_string()
+            ),
+            (
+                "app.kubernetes.io/name".to_string(),
+                "tower-server".to_string()
+            ),
+        ]
+        .into(),
+        "the default selector must not change: it is immutable on existing releases"
+    );
+    assert!(
+        !manifest.contains("app: tower"),
+        "KubeSphere's pod label outside KubeSphere mode"
+    );
+    assert!(
+        !manifest.contains("TOWER_KUBESPHERE"),
+        "KubeSphere mode outside KubeSphere mode"
+    );
+    assert!(!manifest.contains("resource-policy"));
+    let service = doc(&docs, "Service", "tower");
+    assert_eq!(service["spec"]["type"], "ClusterIP");
+    assert_eq!(service["spec"]["ports"][0]["port"], 7022);
+    assert_eq!(string_map(&service["spec"]["selector"]), selector);
+    let cluster_role = doc(&docs, "ClusterRole", "tower-server");
+    assert!(!grants(
+        cluster_role,
+        "cluster.kubesphere.io",
+        "clusters",
+        "update"
+    ));
+    assert!(!grants(cluster_role, "", "events", "create"));
+    assert!(!grants(
+        doc(&docs, "Role", "tower-server"),
+        "",
+        "services",
+        "get"
+    ));
+    assert!(
+        !manifest.contains("\"services\""),
+        "no Service rights outside KubeSphere mode"
+    );
+}
+
+/// The ```sh block after `<!-- readme-test: <name> -->` in README.md.
+fn readme_block(name: &str) -> String {
+    let readme = std::fs::read_to_string(charts_dir().join("../README.md")).expect("README.md");
+    let marker = format!("<!-- readme-test: {name} -->");
+    let rest = readme
+        .split_once(&marker)
+        .unwrap_or_else(|| panic!("README.md has no {marker}"))
+        .1;
+    let rest = rest
+        .trim_start()
+        .strip_prefix("```sh\n")
+        .expect("a ```sh block after the marker");
+    rest.split_once("\n```")
+        .expect("end of the block")
+        .0
+        .to_string()
+}
+
+/// Runs `script` with bash (errexit, pipefail) in `dir`, with the test bed's
+/// kubectl and helm first on PATH and `kubeconfig`; returns stdout.
+fn run_script(dir: &Path, kubeconfig: &Path, script: &str) -> String {
+    let path = format!(
+        "{}:{}",
+        tower_tests::testbed::bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", script])
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("KUBECONFIG", kubeconfig)
+        .env("HELM_CONFIG_HOME", dir.join(".helm/config"))
+        .env("HELM_CACHE_HOME", dir.join(".helm/cache"))
+        .env("HELM_DATA_HOME", dir.join(".helm/data"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running bash");
+    assert!(
+        out.status.success(),
+        "script failed ({}):\n{script}\nstdout:\n{}\nstderr:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The Go tower as ks-installer 3.4.1 deploys it (the shape of
+/// roles/ks-multicluster/templates/tower.yaml.j2: names, labels, selectors,
+/// port, Service type), an `mc-` Service as the Go tower keeps one, and a
+/// proxy Cluster it has set up.
+const GO_TOWER: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: tower
+  namespace: kubesphere-system
+  labels: {app: tower, app.kubernetes.io/name: tower}
+spec:
+  replicas: 1
+  selector:
+    matchLabels: {app: tower, app.kubernetes.io/name: tower}
+  template:
+    metadata:
+      labels: {app: tower, app.kubernetes.io/name: tower}
+    spec:
+      serviceAccountName: kubesphere
+      containers:
+        - name: tower
+          image: kubesphere/tower:v3.4.1
+          command: [/proxy, --ca-cert=/ca.crt, --ca-key=/ca.key, --v=4]
+          readinessProbe:
+            httpGet: {path: /health, port: 8080}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: tower
+  namespace: kubesphere-system
+  labels: {app: tower}
+spec:
+  type: LoadBalancer
+  externalTrafficPolicy: Cluster
+  selector: {app: tower}
+  ports:
+    - {port: 8080, protocol: TCP, targetPort: 8080}
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: mc-member1
+  namespace: kubesphere-system
+  labels: {app: mc-member1, app.kubernetes.io/name: mc-member1}
+spec:
+  selector: {app: tower, app.kubernetes.io/name: tower}
+  ports:
+    - {name: kubernetes, port: 6443, protocol: TCP, targetPort: 6001}
+    - {name: kubesphere, port: 80, protocol: TCP, targetPort: 16001}
+---
+apiVersion: cluster.kubesphere.io/v1alpha1
+kind: Cluster
+metadata:
+  name: member1
+spec:
+  enable: true
+  joinFederation: true
+  connection:
+    type: proxy
+    token: 0f3c9a0d6e1b4b7c8e2a1d3f5b7c9e0a2c4e6f8a0b2d4f6a8c0e2a4c6e8a0b2d
+    kubernetesAPIServerPort: 6001
+    kubesphereAPIServerPort: 16001
+"#;
+const LB_IP: &str = "203.0.113.10";
+
+async fn get_json(cp: &ControlPlane, what: &str) -> serde_json::Value {
+    let out = cp
+        .run_kubectl(&["-n", SERVER_NS, "get", what, "-o", "json"], None)
+        .await
+        .unwrap();
+    serde_json::from_str(&out).unwrap()
+}
+
+/// README.md's "Replacing the Go tower in KubeSphere", its blocks run verbatim
+/// against a control plane of its own (namespace kubesphere-system, as in a
+/// KubeSphere host) holding the Go tower's objects: back up, take over, build
+/// a member's join token, roll back. No kubelet runs here, so it checks the
+/// objects: Service `tower` keeps its type, address, node port and ports[0],
+/// and selects the pods of Tower's Deployment.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readme_takeover_of_the_go_tower() {
+    let env = env();
+    let started = Instant::now();
+    let ks = env._bed.cluster("ks-takeover").await.unwrap();
+    create_namespace(&ks, SERVER_NS).await.unwrap();
+    // KubeSphere's Cluster CRD is there before Tower (the chart's stands in).
+    let crds = charts_dir().join("tower-server/crds").display().to_string();
+    ks.run_kubectl(&["apply", "--server-side", "-f", &crds], None)
+        .await
+        .unwrap();
+    ks.run_kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=30s",
+            "crd/clusters.cluster.kubesphere.io",
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    // ks-installer applies with client-side `kubectl apply`.
+    ks.run_kubectl(&["apply", "-f", "-"], Some(GO_TOWER))
+        .await
+        .unwrap();
+    // What a cloud controller would write: the LoadBalancer's address.
+    let ingress = format!(r#"{{"status":{{"loadBalancer":{{"ingress":[{{"ip":"{LB_IP}"}}]}}}}}}"#);
+    ks.run_kubectl(
+        &[
+            "-n",
+            SERVER_NS,
+            "patch",
+            "service",
+            "tower",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &ingress,
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    let before = get_json(&ks, "service/tower").await;
+    let node_port = before["spec"]["ports"][0]["nodePort"].clone();
+    let cluster_ip = before["spec"]["clusterIP"].clone();
+    assert!(node_port.is_u64() && cluster_ip.is_string(), "{before}");
+    // What a member's --proxy-server is built from (handler.go populateProxyAddress).
+    let proxy_server = |svc: &serde_json::Value| {
+        format!(
+            "http://{}:{}",
+            svc["status"]["loadBalancer"]["ingress"][0]["ip"]
+                .as_str()
+                .unwrap_or("-"),
+            svc["spec"]["ports"][0]["port"]
+        )
+    };
+    let want_proxy_server = format!("http://{LB_IP}:8080");
+    assert_eq!(proxy_server(&before), want_proxy_server);
+
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(charts_dir(), dir.path().join("charts")).unwrap();
+    let kubeconfig = ks.admin_kubeconfig();
+
+    // 1. Back up.
+    let out = run_script(dir.path(), kubeconfig, &readme_block("backup"));
+    assert_eq!(out.trim(), format!("LoadBalancer 8080 {LB_IP}"));
+    for f in [
+        "go-tower-backup.yaml",
+        "go-tower-deployment.json",
+        "clusters-backup.yaml",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        assert!(
+            text.contains("tower") || text.contains("member1"),
+            "{f}: {text}"
+        );
+    }
+
+    // 2. Take over.
+    run_script(dir.path(), kubeconfig, &readme_block("takeover"));
+    let service = get_json(&ks, "service/tower").await;
+    let deployment = get_json(&ks, "deployment/tower").await;
+    assert_eq!(
+        service["metadata"]["uid"], before["metadata"]["uid"],
+        "the Service was recreated"
+    );
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert_eq!(service["spec"]["clusterIP"], cluster_ip);
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    assert_eq!(ports[0]["port"], 8080, "{service}");
+    assert_eq!(ports[0]["targetPort"], "ssh");
+    assert_eq!(ports[0]["nodePort"], node_port, "the node port moved");
+    assert_eq!(ports.len(), 2, "{service}");
+    assert_eq!(
+        proxy_server(&service),
+        want_proxy_server,
+        "members' --proxy-server changed"
+    );
+    assert_eq!(
+        service["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "Helm"
+    );
+    let selector = string_map(&service["spec"]["selector"]);
+    assert_eq!(selector, ks_labels());
+    let pod_labels = string_map(&deployment["spec"]["template"]["metadata"]["labels"]);
+    let mc = get_json(&ks, "service/mc-member1").await;
+    for (who, sel) in [
+        ("tower", &selector),
+        ("mc-member1", &string_map(&mc["spec"]["selector"])),
+    ] {
+        assert!(
+            sel.iter().all(|(k, v)| pod_labels.get(k) == Some(v)),
+            "Service {who} ({sel:?}) does not select Tower's pods ({pod_labels:?})"
+        );
+    }
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    assert_eq!(
+        containers.len(),
+        1,
+        "the Go container survived: {deployment}"
+    );
+    assert_eq!(containers[0]["name"], "tower-server");
+    assert!(
+        containers[0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "ssh")
+    );
+    let env_vars = container_env(&deployment);
+    assert_eq!(env_vars["TOWER_KUBESPHERE"], "true");
+    assert_eq!(env_vars["TOWER_SSH_ADDRESS"], format!("{LB_IP}:8080"));
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "tower"
+    );
+    // The release's RBAC, live.
+    let user = "system:serviceaccount:kubesphere-system:tower";
+    for (args, want) in [
+        (&["update", "clusters.cluster.kubesphere.io"][..], true),
+        (&["patch", "clusters.cluster.kubesphere.io"], true),
+        (&["create", "services", "-n", SERVER_NS], true),
+        (&["update", "services/mc-member1", "-n", SERVER_NS], true),
+        (&["delete", "services/mc-member1", "-n", SERVER_NS], false),
+        (&["create", "services", "-n", "default"], false),
+        (&["create", "events", "-n", "default"], true),
+        (&["create", "events.events.k8s.io", "-n", "default"], true),
+    ] {
+        assert_eq!(
+            can_i(&ks, user, args).await,
+            want,
+            "tower: can-i {}",
+            args.join(" ")
+        );
+    }
+
+    // 3. A member's join token, from its Cluster's token and what Tower publishes
+    // (ConfigMap tower-server, written here as the server would).
+    let host_key = "SHA256:Y2hhcnRzLXRlc3QtaG9zdC1rZXktZmluZ2VycHJpbnQ";
+    let info = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tower-server\n  namespace: {SERVER_NS}\ndata:\n  sshAddresses: {LB_IP}:8080,tower.example.com:8080\n  hostKeyFingerprint: {host_key}\n"
+    );
+    ks.run_kubectl(&["apply", "-f", "-"], Some(&info))
+        .await
+        .unwrap();
+    let script = format!(
+        "{}\nprintf '%s' \"$JOIN_TOKEN\"",
+        readme_block("join-token")
+    );
+    let token = run_script(dir.path(), kubeconfig, &script);
+    let token = JoinToken::parse(&token).unwrap_or_else(|e| panic!("{e}: {token}"));
+    assert_eq!(
+        token.claims.servers,
+        [format!("{LB_IP}:8080"), "tower.example.com:8080".into()]
+    );
+    assert_eq!(token.claims.host_key, host_key);
+    assert_eq!(token.claims.cluster, "member1");
+    assert_eq!(token.claims.id, tower_server::kube::CLUSTER_TOKEN_ID);
+    assert_eq!(
+        token.secret.expose(),
+        "0f3c9a0d6e1b4b7c8e2a1d3f5b7c9e0a2c4e6f8a0b2d4f6a8c0e2a4c6e8a0b2d"
+    );
+
+    // 5. Roll back.
+    run_script(dir.path(), kubeconfig, &readme_block("rollback"));
+    let service = get_json(&ks, "service/tower").await;
+    let deployment = get_json(&ks, "deployment/tower").await;
+    assert_eq!(
+        service["metadata"]["uid"], before["metadata"]["uid"],
+        "the Service was recreated"
+    );
+    assert_eq!(
+        string_map(&service["spec"]["selector"]),
+        string_map(&before["spec"]["selector"])
+    );
+    let ports = service["spec"]["ports"].as_array().unwrap();
+    assert_eq!(ports.len(), 1, "{service}");
+    assert_eq!(ports[0]["targetPort"], 8080);
+    assert_eq!(ports[0]["nodePort"], node_port);
+    assert_eq!(proxy_server(&service), want_proxy_server);
+    assert!(
+        service["metadata"]["labels"]
+            .get("app.kubernetes.io/managed-by")
+            .is_none()
+    );
+    let containers = deployment["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap();
+    assert_eq!(containers.len(), 1);
+    assert_eq!(containers[0]["name"], "tower");
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "kubesphere"
+    );
+    eprintln!(
+        "charts: README takeover, join token and rollback in {:.2?}",
+        started.elapsed()
+    );
 }

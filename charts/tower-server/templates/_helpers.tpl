@@ -26,14 +26,29 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
+{{/*
+Selector labels of the Deployment, the PodDisruptionBudget and the `tower`
+Service. In KubeSphere mode exactly the labels KubeSphere's objects use: the
+`mc-<cluster>` Services the server keeps select `app: tower,
+app.kubernetes.io/name: tower`, and ks-installer's Go tower Deployment selects
+the same two, so its Service and mc- Services route to these pods unchanged.
+*/}}
 {{- define "tower-server.selectorLabels" -}}
+{{- if .Values.kubesphere.enabled -}}
+app: tower
+app.kubernetes.io/name: tower
+{{- else -}}
 app.kubernetes.io/name: {{ include "tower-server.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
 {{- end }}
 
 {{- define "tower-server.labels" -}}
 helm.sh/chart: {{ include "tower-server.chart" . }}
 {{ include "tower-server.selectorLabels" . }}
+{{- if .Values.kubesphere.enabled }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/component: server
 app.kubernetes.io/part-of: tower
