@@ -11,7 +11,15 @@
 //!   `Agent`) without losing a field;
 //! - a server running with only the chart's RBAC does its whole job: identity
 //!   Secrets, Lease, info ConfigMap, tokens, kubeconfigs, conditions, Agent
-//!   status and `tokenRef` Secrets, and an agent connects through it.
+//!   status and `tokenRef` Secrets, and an agent connects through it;
+//! - KubeSphere mode (`values-kubesphere.yaml`) renders Deployment and Service
+//!   `tower` with KubeSphere's pod labels and its RBAC, and the defaults render
+//!   none of it;
+//! - README.md's "Replacing the Go tower in KubeSphere" runs verbatim: over a
+//!   stand-in of ks-installer's Go tower, Helm adopts Service `tower` (type,
+//!   address, node port and ports[0] kept), a member's join token is built from
+//!   its Cluster, the member swaps the Go agent for tower-agent, and the
+//!   rollback restores the Go tower.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -1419,6 +1427,11 @@ fn readme_block(name: &str) -> String {
 /// Runs `script` with bash (errexit, pipefail) in `dir`, with the test bed's
 /// kubectl and helm first on PATH and `kubeconfig`; returns stdout.
 fn run_script(dir: &Path, kubeconfig: &Path, script: &str) -> String {
+    run_script_with(dir, kubeconfig, script, &[])
+}
+
+/// [`run_script`] with extra environment variables.
+fn run_script_with(dir: &Path, kubeconfig: &Path, script: &str, vars: &[(&str, &str)]) -> String {
     let path = format!(
         "{}:{}",
         tower_tests::testbed::bin_dir().display(),
@@ -1432,6 +1445,7 @@ fn run_script(dir: &Path, kubeconfig: &Path, script: &str) -> String {
         .env("HELM_CONFIG_HOME", dir.join(".helm/config"))
         .env("HELM_CACHE_HOME", dir.join(".helm/cache"))
         .env("HELM_DATA_HOME", dir.join(".helm/data"))
+        .envs(vars.iter().copied())
         .stdin(std::process::Stdio::null())
         .output()
         .expect("running bash");
@@ -1511,6 +1525,27 @@ spec:
 "#;
 const LB_IP: &str = "203.0.113.10";
 
+/// A member's Go agent as KubeSphere 3.4's ks-apiserver generates it
+/// (pkg/kapis/cluster/v1alpha1/handler.go, generateDefaultDeployment).
+const GO_AGENT: &str = r#"apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: cluster-agent
+  namespace: kubesphere-system
+spec:
+  selector:
+    matchLabels: {app: agent, app.kubernetes.io/part-of: tower}
+  template:
+    metadata:
+      labels: {app: agent, app.kubernetes.io/part-of: tower}
+    spec:
+      serviceAccountName: kubesphere
+      containers:
+        - name: agent
+          image: kubesphere/tower:v3.4.1
+          command: [/agent, --name=member1, --proxy-server=http://203.0.113.10:8080, --keepalive=10s]
+"#;
+
 async fn get_json(cp: &ControlPlane, what: &str) -> serde_json::Value {
     let out = cp
         .run_kubectl(&["-n", SERVER_NS, "get", what, "-o", "json"], None)
@@ -1522,7 +1557,8 @@ async fn get_json(cp: &ControlPlane, what: &str) -> serde_json::Value {
 /// README.md's "Replacing the Go tower in KubeSphere", its blocks run verbatim
 /// against a control plane of its own (namespace kubesphere-system, as in a
 /// KubeSphere host) holding the Go tower's objects: back up, take over, build
-/// a member's join token, roll back. No kubelet runs here, so it checks the
+/// a member's join token, switch the member (the shared member control plane)
+/// to tower-agent, roll back. No kubelet runs here, so it checks the
 /// objects: Service `tower` keeps its type, address, node port and ports[0],
 /// and selects the pods of Tower's Deployment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1711,6 +1747,40 @@ async fn readme_takeover_of_the_go_tower() {
         token.secret.expose(),
         "0f3c9a0d6e1b4b7c8e2a1d3f5b7c9e0a2c4e6f8a0b2d4f6a8c0e2a4c6e8a0b2d"
     );
+
+    // On the member: tower-agent in, KubeSphere's Go agent (the Deployment
+    // ks-apiserver generates, handler.go generateDefaultDeployment) out.
+    env.member
+        .run_kubectl(&["apply", "-f", "-"], Some(GO_AGENT))
+        .await
+        .unwrap();
+    let join_token = token.encode();
+    run_script_with(
+        dir.path(),
+        env.member.admin_kubeconfig(),
+        &readme_block("member"),
+        &[("JOIN_TOKEN", &join_token)],
+    );
+    let deployments = env
+        .member
+        .run_kubectl(&["-n", SERVER_NS, "get", "deployments", "-o", "name"], None)
+        .await
+        .unwrap();
+    assert!(
+        deployments.contains("deployment.apps/tower-agent")
+            && !deployments.contains("cluster-agent"),
+        "{deployments}"
+    );
+    let agent = get_json(&env.member, "deployment/tower-agent").await;
+    assert_eq!(
+        container_env(&agent)["TOWER_KS_APISERVER"],
+        "http://ks-apiserver.kubesphere-system.svc"
+    );
+    let stored = get_json(&env.member, "secret/tower-agent-join-token").await;
+    let stored = base64::engine::general_purpose::STANDARD
+        .decode(stored["data"]["joinToken"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(String::from_utf8(stored).unwrap(), join_token);
 
     // 5. Roll back.
     run_script(dir.path(), kubeconfig, &readme_block("rollback"));
