@@ -19,7 +19,9 @@
 //!   stand-in of ks-installer's Go tower, Helm adopts Service `tower` (type,
 //!   address, node port and ports[0] kept), a member's join token is built from
 //!   its Cluster, the member swaps the Go agent for tower-agent, and the
-//!   rollback restores the Go tower.
+//!   rollback restores the Go tower; in between, a KubeSphere-mode server with
+//!   only the release's RBAC takes the Go tower's Cluster over and an agent
+//!   with that token connects.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -370,12 +372,6 @@ fn chart_settings_are_the_binaries_flags() {
             if let Some(var) = line.strip_prefix("- name: ")
                 && (var.starts_with("TOWER_") || var == "POD_NAME")
             {
-                // KubeSphere mode is being added to the server while the chart
-                // already sets it: checked as soon as the binary has the flag.
-                if var.starts_with("TOWER_KUBESPHERE") && !help.contains("--kubesphere") {
-                    eprintln!("charts: {bin} has no --kubesphere yet; {var} not checked");
-                    continue;
-                }
                 assert!(
                     help.contains(&format!("[env: {var}")),
                     "the {bin} chart sets {var}, which `{bin} --help` does not list:\n{help}"
@@ -384,10 +380,6 @@ fn chart_settings_are_the_binaries_flags() {
             }
             if let Some(flag) = line.strip_prefix("- --") {
                 let flag = flag.split('=').next().unwrap();
-                if flag == "kubesphere" && !help.contains("--kubesphere") {
-                    eprintln!("charts: {bin} has no --kubesphere yet; the flag is not checked");
-                    continue;
-                }
                 assert!(
                     help.contains(&format!("--{flag}")),
                     "the {bin} chart passes --{flag}, which `{bin} --help` does not list"
@@ -1507,8 +1499,8 @@ metadata:
 spec:
   selector: {app: tower, app.kubernetes.io/name: tower}
   ports:
-    - {name: kubernetes, port: 6443, protocol: TCP, targetPort: 6001}
-    - {name: kubesphere, port: 80, protocol: TCP, targetPort: 16001}
+    - {name: kubernetes, port: 6443, protocol: TCP, targetPort: 6931}
+    - {name: kubesphere, port: 80, protocol: TCP, targetPort: 16931}
 ---
 apiVersion: cluster.kubesphere.io/v1alpha1
 kind: Cluster
@@ -1520,10 +1512,15 @@ spec:
   connection:
     type: proxy
     token: 0f3c9a0d6e1b4b7c8e2a1d3f5b7c9e0a2c4e6f8a0b2d4f6a8c0e2a4c6e8a0b2d
-    kubernetesAPIServerPort: 6001
-    kubesphereAPIServerPort: 16001
+    kubernetesAPIServerPort: 6931
+    kubesphereAPIServerPort: 16931
+status:
+  conditions:
+    - {type: Initialized, status: "True", reason: Initialized, message: Cluster has been initialized}
 "#;
 const LB_IP: &str = "203.0.113.10";
+/// The kube port the Go tower gave member1 (its ks port is 10000 above).
+const GO_KUBE_PORT: u16 = 6931;
 
 /// A member's Go agent as KubeSphere 3.4's ks-apiserver generates it
 /// (pkg/kapis/cluster/v1alpha1/handler.go, generateDefaultDeployment).
@@ -1558,7 +1555,10 @@ async fn get_json(cp: &ControlPlane, what: &str) -> serde_json::Value {
 /// against a control plane of its own (namespace kubesphere-system, as in a
 /// KubeSphere host) holding the Go tower's objects: back up, take over, build
 /// a member's join token, switch the member (the shared member control plane)
-/// to tower-agent, roll back. No kubelet runs here, so it checks the
+/// to tower-agent, verify, roll back. Between takeover and rollback the server
+/// runs in-process in KubeSphere mode with only the release's service account:
+/// it keeps the Go tower's ports and mc- Service, publishes its ConfigMap, and
+/// an agent with the README-built token makes the member available. No kubelet runs here, so it checks the
 /// objects: Service `tower` keeps its type, address, node port and ports[0],
 /// and selects the pods of Tower's Deployment.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1721,15 +1721,98 @@ async fn readme_takeover_of_the_go_tower() {
         );
     }
 
-    // 3. A member's join token, from its Cluster's token and what Tower publishes
-    // (ConfigMap tower-server, written here as the server would).
-    let host_key = "SHA256:Y2hhcnRzLXRlc3QtaG9zdC1rZXktZmluZ2VycHJpbnQ";
-    let info = format!(
-        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: tower-server\n  namespace: {SERVER_NS}\ndata:\n  sshAddresses: {LB_IP}:8080,tower.example.com:8080\n  hostKeyFingerprint: {host_key}\n"
-    );
-    ks.run_kubectl(&["apply", "-f", "-"], Some(&info))
+    // Tower in KubeSphere mode, in-process, with nothing but the release's
+    // service account: it takes over the Go tower's Cluster (ports kept,
+    // mc- Service as it is) and publishes ConfigMap tower-server.
+    install_crypto_provider();
+    let sa_token = ks
+        .service_account_token(SERVER_NS, "tower", false)
         .await
         .unwrap();
+    let sa_client = ks.client_with_token(&sa_token).await.unwrap();
+    let ssh = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let gateway = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ssh_addr = ssh.local_addr().unwrap();
+    let mut config = fixture::ServerConfig::new(
+        dir.path().join("state"),
+        format!("https://{}", gateway.local_addr().unwrap()),
+    );
+    config.store_poll = Duration::from_millis(250);
+    config.cluster_listen_host = std::net::Ipv4Addr::LOCALHOST.into();
+    let mut ctrl = ControllerConfig::new(SERVER_NS, "tower-0");
+    // TOWER_SSH_ADDRESS as the chart passes it (two addresses here).
+    ctrl.ssh_addresses = vec![format!("{LB_IP}:8080"), "tower.example.com:8080".into()];
+    ctrl.kubesphere = Some(tower_server::kube::KubeSphereConfig { ports: 6000..=7000 });
+    ctrl.lease_renew = Duration::from_secs(1);
+    ctrl.lease_duration = Duration::from_secs(4);
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(tower_server::run_with_kubernetes(
+        config,
+        ctrl,
+        sa_client,
+        ssh,
+        gateway,
+        None,
+        shutdown.clone(),
+    ));
+    let _stop = shutdown.clone().drop_guard();
+    let admin = ks.client().await.unwrap();
+    let clusters: Api<Cluster> = Api::all(admin.clone());
+    let cms: Api<ConfigMap> = Api::namespaced(admin.clone(), SERVER_NS);
+    let taken_over = eventually(Duration::from_secs(30), || async {
+        cms.get_opt("tower-server").await.ok().flatten()?.data?;
+        let c = clusters.get_opt("member1").await.ok().flatten()?;
+        c.condition("AgentAvailable")?;
+        c.spec.connection.as_ref()?.kubeconfig.as_ref()?;
+        Some(c)
+    })
+    .await;
+    let Some(member1) = taken_over else {
+        let log = fixture::log_file()
+            .map(|p| tower_tests::testbed::log_tail(&p, 40))
+            .unwrap_or_default();
+        panic!(
+            "Tower (KubeSphere mode, the chart's RBAC) never took Cluster member1 over \
+             (server finished: {}): {:?}\nlog tail:\n{log}",
+            server.is_finished(),
+            clusters.get_opt("member1").await
+        );
+    };
+    let connection = member1.spec.connection.clone().unwrap();
+    assert_eq!(
+        (
+            connection.kubernetes_api_server_port,
+            connection.kubesphere_api_server_port
+        ),
+        (Some(GO_KUBE_PORT), Some(GO_KUBE_PORT + 10_000)),
+        "the Go tower's ports changed"
+    );
+    let mc = get_json(&ks, "service/mc-member1").await;
+    assert_eq!(
+        string_map(&mc["spec"]["selector"]),
+        tower_server::kube::POD_LABELS
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>()
+    );
+    let targets: Vec<_> = mc["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["port"].clone(), p["targetPort"].clone()))
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            (6443.into(), GO_KUBE_PORT.into()),
+            (80.into(), (GO_KUBE_PORT + 10_000).into())
+        ]
+    );
+
+    // 3. A member's join token, from its Cluster's token and what Tower
+    // publishes in ConfigMap tower-server.
+    let host_key =
+        cms.get("tower-server").await.unwrap().data.unwrap()["hostKeyFingerprint"].clone();
     let script = format!(
         "{}\nprintf '%s' \"$JOIN_TOKEN\"",
         readme_block("join-token")
@@ -1747,6 +1830,70 @@ async fn readme_takeover_of_the_go_tower() {
         token.secret.expose(),
         "0f3c9a0d6e1b4b7c8e2a1d3f5b7c9e0a2c4e6f8a0b2d4f6a8c0e2a4c6e8a0b2d"
     );
+    // The token authenticates: an agent with it (dialling this process's SSH
+    // listener instead of the LoadBalancer) makes the member available.
+    let member_dir = tempfile::tempdir().unwrap();
+    let (_, upstream_token) = agent_credential(&env.member, member_dir.path())
+        .await
+        .unwrap();
+    let local = JoinToken {
+        claims: Claims {
+            servers: vec![ssh_addr.to_string()],
+            ..token.claims.clone()
+        },
+        secret: token.secret.clone(),
+    };
+    let agent = TowerAgent::start(
+        TokenSource::Literal(local.encode()),
+        &env.member,
+        &upstream_token,
+    )
+    .unwrap();
+    let available = eventually(Duration::from_secs(30), || async {
+        let c = clusters.get_opt("member1").await.ok().flatten()?;
+        (c.condition("AgentAvailable")?.status == "True").then_some(())
+    })
+    .await;
+    assert!(
+        available.is_some(),
+        "an agent with the README's join token never made member1 available: {:?}",
+        clusters.get_opt("member1").await
+    );
+    // 4. Verify, as the README does.
+    let verify = eventually(Duration::from_secs(15), || async {
+        let out = run_script(dir.path(), kubeconfig, &readme_block("verify"));
+        (out.contains("Initialized=True")
+            && out.contains("AgentAvailable=True")
+            && out.contains("member1"))
+        .then_some(out)
+    })
+    .await;
+    assert!(
+        verify.is_some(),
+        "{}",
+        run_script(dir.path(), kubeconfig, &readme_block("verify"))
+    );
+    let events = ks
+        .run_kubectl(
+            &[
+                "get",
+                "events",
+                "-n",
+                "default",
+                "--field-selector",
+                "involvedObject.kind=Cluster,involvedObject.name=member1",
+            ],
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        events.contains("member1"),
+        "no Event on Cluster member1: {events}"
+    );
+    agent.stop().await;
+    shutdown.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
 
     // On the member: tower-agent in, KubeSphere's Go agent (the Deployment
     // ks-apiserver generates, handler.go generateDefaultDeployment) out.
@@ -1814,7 +1961,7 @@ async fn readme_takeover_of_the_go_tower() {
         "kubesphere"
     );
     eprintln!(
-        "charts: README takeover, join token and rollback in {:.2?}",
+        "charts: README takeover, KubeSphere-mode server, join token, member switch and rollback in {:.2?}",
         started.elapsed()
     );
 }
