@@ -100,6 +100,17 @@ pub fn caller_request_headers(headers: &HeaderMap) -> HeaderMap {
     out
 }
 
+/// Like [`caller_request_headers`], and the caller's `Host` kept, as a plain
+/// TCP forwarder would: what the agent sends to the member's ks-apiserver for
+/// a caller (KubeSphere's dispatcher keeps the console's Host).
+pub fn caller_request_headers_with_host(headers: &HeaderMap) -> HeaderMap {
+    let mut out = caller_request_headers(headers);
+    if let Some(host) = headers.get(header::HOST) {
+        out.insert(header::HOST, host.clone());
+    }
+    out
+}
+
 /// The headers of a response relayed through the tunnel or the gateway.
 pub fn response_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = strip_hop_by_hop(headers);

@@ -20,7 +20,7 @@ use tower_server::crd::{Cluster, ClusterSpec, Connection};
 use tower_tests::fixture::{
     self, HttpsUpstream, KubeTowerServer, TowerAgent, agent_credential, eventually, kube_upstream,
 };
-use tower_tests::testbed::{ControlPlane, Testbed};
+use tower_tests::testbed::{ControlPlane, Testbed, kubesphere};
 
 tower_tests::shared_env!(Env, "kubesphere", start_env);
 
@@ -324,7 +324,7 @@ async fn set_up_listeners_and_identity_by_credential() {
         .service_account_token("kubefed-test", "kubefed", false)
         .await
         .unwrap();
-    let ca = env.server_ca().await;
+    let ca = env.server_ca("minas").await;
     let auth = format!("Bearer {other}");
     let (code, body) = post_review(kube_addr, &ca, &auth).await;
     assert_eq!(code, 201, "{}", String::from_utf8_lossy(&body));
@@ -441,10 +441,10 @@ async fn post_review(addr: SocketAddr, ca: &str, auth: &str) -> (u16, Bytes) {
 
 impl Env {
     /// The tower CA, as kubeconfigs carry it.
-    async fn server_ca(&self) -> String {
+    async fn server_ca(&self, name: &str) -> String {
         let client = self.host.client().await.unwrap();
         let c = eventually(Duration::from_secs(10), || async {
-            cluster(&client, "minas").await?.spec.connection?.kubeconfig
+            cluster(&client, name).await?.spec.connection?.kubeconfig
         })
         .await
         .unwrap();
@@ -573,7 +573,7 @@ async fn kubectl_watch_and_upgrades_through_the_cluster_listeners() {
 
     // A WebSocket watch through the kube listener, with the kubeconfig's
     // certificate and with a bearer-only caller.
-    let ca = env.server_ca().await;
+    let ca = env.server_ca("osgiliath").await;
     let kube_addr: SocketAddr = format!("127.0.0.1:{kube_port}").parse().unwrap();
     let id = fixture::identity_from_kubeconfig(
         &String::from_utf8(conn.kubeconfig.clone().unwrap().0).unwrap(),
@@ -585,12 +585,12 @@ async fn kubectl_watch_and_upgrades_through_the_cluster_listeners() {
             .await
             .unwrap();
         let req = format!(
-            "GET /api/v1/namespaces/osg/configmaps?watch=true HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\
+            "GET /api/v1/namespaces?watch=true HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\
              Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nOrigin: https://127.0.0.1\r\n\r\n"
         );
         tls.write_all(req.as_bytes()).await.unwrap();
-        let text = read_until(&mut tls, "kube-root-ca.crt").await;
+        let text = read_until(&mut tls, "\"osg\"").await;
         assert!(text.starts_with("HTTP/1.1 101"), "{text}");
         assert!(text.contains("ADDED"), "{text}");
     }
@@ -608,4 +608,323 @@ async fn kubectl_watch_and_upgrades_through_the_cluster_listeners() {
         .unwrap();
     let back = read_until(&mut tcp, "ping through the ks listener").await;
     assert!(back.contains("ping through the ks listener"), "{back}");
+}
+
+/// The KubeSphere stand-in's shared JWT secret (ks-apiserver's `jwtSecret`).
+const JWT_SECRET: &[u8] = b"tower-test-jwt-secret-0123456789abcdef";
+
+/// The ks stand-in's request log line for `path`, waiting for it.
+async fn ks_request(ks: &kubesphere::MemberKs, path: &str) -> kubesphere::KsRequest {
+    eventually(Duration::from_secs(5), || async {
+        ks.requests().into_iter().rev().find(|r| r.path == path)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "the member's ks-apiserver never saw {path}: {:?}",
+            ks.requests()
+        )
+    })
+}
+
+/// Resource versions of the Cluster's modifications seen over `window`.
+async fn cluster_modifications(client: &Client, name: &str, window: Duration) -> usize {
+    use futures::StreamExt;
+    let api = Api::<Cluster>::all(client.clone());
+    let rv = api.get(name).await.unwrap().resource_version().unwrap();
+    let params = kube::api::WatchParams::default()
+        .fields(&format!("metadata.name={name}"))
+        .timeout(window.as_secs() as u32);
+    let mut stream = api.watch(&params, &rv).await.unwrap().boxed();
+    let mut n = 0;
+    while let Some(event) = stream.next().await {
+        if let Ok(kube::api::WatchEvent::Modified(_)) = event {
+            n += 1;
+        }
+    }
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubesphere_console_dispatcher_controller_and_webhook() {
+    use tokio::io::AsyncWriteExt;
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    let label = ("tower-test/standin", "edoras");
+    let ks_host = kubesphere::KubeSphereHost::start(
+        &env.host,
+        JWT_SECRET,
+        kubesphere::ControllerOptions {
+            label_selector: Some(format!("{}={}", label.0, label.1)),
+            ..Default::default()
+        },
+        kubesphere::WebhookOptions {
+            object_selector: Some((label.0.into(), label.1.into())),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let member_ks = kubesphere::MemberKs::start(kubesphere::MemberKsConfig::for_member(
+        &env.member,
+        JWT_SECRET,
+    ))
+    .await
+    .unwrap();
+
+    // The console adds the member (agent connection).
+    let mut obj = kubesphere::ConsoleCluster::new("edoras", "admin").object();
+    obj["metadata"]["labels"] = serde_json::json!({ label.0: label.1 });
+    let obj: kube::api::DynamicObject = serde_json::from_value(obj).unwrap();
+    kubesphere::clusters_api(client.clone())
+        .create(&PostParams::default(), &obj)
+        .await
+        .unwrap();
+    let c = wait_condition(
+        &client,
+        "edoras",
+        "Initialized",
+        "True",
+        Duration::from_secs(20),
+    )
+    .await;
+    let token = c
+        .spec
+        .connection
+        .as_ref()
+        .and_then(|c| c.token.clone())
+        .unwrap();
+
+    // The member's agent, serving kube-apiserver and the member's ks-apiserver (plain HTTP).
+    let start = |token: String| {
+        let env = env;
+        let ks_url = member_ks.url();
+        async move {
+            let client = env.host.client().await.unwrap();
+            let data = Api::<ConfigMap>::namespaced(client, "kubesphere-system")
+                .get("tower-server")
+                .await
+                .unwrap()
+                .data
+                .unwrap();
+            let join = JoinToken {
+                claims: Claims {
+                    servers: vec![env.server.ssh_addr.to_string()],
+                    host_key: data["hostKeyFingerprint"].clone(),
+                    cluster: "edoras".into(),
+                    id: "cluster".into(),
+                    expires: None,
+                },
+                secret: Secret::new(&token),
+            };
+            TowerAgent::start_with(
+                TokenSource::Literal(join.encode()),
+                vec![
+                    kube_upstream(&env.member, &env.sa_token_file),
+                    tower_agent::UpstreamConfig {
+                        name: UPSTREAM_KS_APISERVER.into(),
+                        url: ks_url,
+                        ca_file: None,
+                        token_file: None,
+                    },
+                ],
+            )
+            .unwrap()
+        }
+    };
+    let agent = start(token.clone()).await;
+    wait_condition(
+        &client,
+        "edoras",
+        "AgentAvailable",
+        "True",
+        Duration::from_secs(20),
+    )
+    .await;
+    // KubeSphere's controller reaches the member through tower's kube listener.
+    let c = eventually(Duration::from_secs(30), || async {
+        let _ = ks_host.controller.reconcile_now("edoras").await;
+        let c = cluster(&client, "edoras").await?;
+        (c.condition("Ready")?.status == "True" && c.status.as_ref()?.uid.is_some()).then_some(c)
+    })
+    .await
+    .unwrap_or_else(|| {
+        panic!(
+            "KubeSphere never saw the member Ready: {:?}",
+            ks_host.controller.writes()
+        )
+    });
+    for t in ["Initialized", "AgentAvailable", "Ready"] {
+        assert_eq!(
+            c.condition(t).unwrap().status,
+            "True",
+            "{t}: {:?}",
+            c.status
+        );
+    }
+
+    // The console through the dispatcher: the user's JWT reaches the member's
+    // ks-apiserver, which verifies it, for /kapis, /api and /apis alike.
+    let jwt = kubesphere::mint_jwt(JWT_SECRET, "alice", Duration::from_secs(600));
+    let auth = format!("Bearer {jwt}");
+    let dispatcher = ks_host.dispatcher.addr();
+    let whoami = kubesphere::WHOAMI_PATH.trim_start_matches("/kapis");
+    for (path, member_path) in [
+        (
+            format!("/kapis/clusters/edoras{whoami}"),
+            kubesphere::WHOAMI_PATH.to_string(),
+        ),
+        (
+            "/api/clusters/edoras/v1/namespaces/default".to_string(),
+            "/api/v1/namespaces/default".to_string(),
+        ),
+        (
+            "/apis/clusters/edoras/apps/v1/namespaces/default/deployments".to_string(),
+            "/apis/apps/v1/namespaces/default/deployments".to_string(),
+        ),
+    ] {
+        let (code, body) = request(dispatcher, None, &path, &[("authorization", &auth)]).await;
+        assert_eq!(code, 200, "{path}: {}", String::from_utf8_lossy(&body));
+        let seen = ks_request(&member_ks, &member_path).await;
+        assert_eq!(seen.user.as_deref(), Some("alice"), "{path}: {seen:?}");
+        assert!(seen.authorization);
+        assert_eq!(
+            seen.host.as_deref(),
+            Some("console.example"),
+            "the caller's Host is kept, as the Go tower's TCP forwarding kept it"
+        );
+    }
+    // A console terminal: a WebSocket upgrade through the dispatcher.
+    let mut tcp = tokio::net::TcpStream::connect(dispatcher).await.unwrap();
+    let terminal = format!(
+        "/kapis/clusters/edoras{}default/pods/web-0/exec",
+        kubesphere::TERMINAL_PATH_PREFIX.trim_start_matches("/kapis")
+    );
+    tcp.write_all(format!(
+        "GET {terminal} HTTP/1.1\r\nHost: console.example\r\nAuthorization: {auth}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    ).as_bytes()).await.unwrap();
+    let head = read_until(&mut tcp, "\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    tcp.write_all(b"echo through the console").await.unwrap();
+    assert!(
+        read_until(&mut tcp, "echo through the console")
+            .await
+            .contains("echo through the console")
+    );
+    // A JWT the member does not accept is the member's 401, passed through.
+    let ks_port = c
+        .spec
+        .connection
+        .as_ref()
+        .unwrap()
+        .kubesphere_api_server_port
+        .unwrap();
+    let ks_addr: SocketAddr = format!("127.0.0.1:{ks_port}").parse().unwrap();
+    let forged = kubesphere::mint_jwt(
+        b"some-other-secret-entirely-000000",
+        "mallory",
+        Duration::from_secs(600),
+    );
+    let (code, _) = request(
+        ks_addr,
+        None,
+        kubesphere::WHOAMI_PATH,
+        &[("authorization", &format!("Bearer {forged}"))],
+    )
+    .await;
+    assert_eq!(code, 401);
+    let seen = ks_request(&member_ks, kubesphere::WHOAMI_PATH).await;
+    assert_eq!(
+        (seen.user, seen.status),
+        (None, 401),
+        "the member refused it itself"
+    );
+
+    // A quiet minute: tower writes nothing; KubeSphere's own writes are counted apart.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ks_before = ks_host.controller.writes().total();
+    let modified = cluster_modifications(&client, "edoras", Duration::from_secs(60)).await;
+    let ks_writes = ks_host.controller.writes().total() - ks_before;
+    eprintln!(
+        "kubesphere: quiet minute: {modified} Cluster modifications, {ks_writes} by KubeSphere's controller"
+    );
+    assert_eq!(
+        modified as u64, ks_writes,
+        "tower wrote the Cluster during a quiet minute"
+    );
+    let c = cluster(&client, "edoras").await.unwrap();
+    for t in ["Initialized", "AgentAvailable", "Ready"] {
+        assert_eq!(
+            c.condition(t).map(|c| c.status.as_str()),
+            Some("True"),
+            "{t} survived: {:?}",
+            c.status
+        );
+    }
+
+    // The agent drops. KubeSphere's webhook refuses every Cluster update while
+    // the member is unreachable, so the drop shows on the Agent and in an Event.
+    agent.kill();
+    let gone = Instant::now();
+    let agents = Api::<tower_server::crd::Agent>::all(client.clone());
+    let disconnected = eventually(Duration::from_secs(15), || async {
+        let a = agents.get_opt("edoras").await.ok()??;
+        let c = a
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Connected")?;
+        (c.status == "False").then_some(())
+    })
+    .await;
+    // Without an Agent object the Event carries it.
+    let event = eventually(Duration::from_secs(15), || async {
+        let out = env
+            .host
+            .run_kubectl(
+                &[
+                    "get",
+                    "events.events.k8s.io",
+                    "-A",
+                    "--field-selector",
+                    "regarding.name=edoras",
+                    "-o",
+                    "json",
+                ],
+                None,
+            )
+            .await
+            .ok()?;
+        out.contains("AgentDisconnected").then_some(())
+    })
+    .await;
+    assert!(event.is_some(), "no AgentDisconnected Event for edoras");
+    eprintln!(
+        "kubesphere: agent killed -> Event in {:.2?} (Agent status: {disconnected:?})",
+        gone.elapsed()
+    );
+    let refused = eventually(Duration::from_secs(20), || async {
+        (ks_host.webhook.refusals() > 0).then_some(())
+    })
+    .await;
+    assert!(
+        refused.is_some(),
+        "the webhook never refused a write while the member was away"
+    );
+
+    // The member comes back: the condition is right again.
+    let _agent = start(token).await;
+    wait_condition(
+        &client,
+        "edoras",
+        "AgentAvailable",
+        "True",
+        Duration::from_secs(30),
+    )
+    .await;
+    let _ = ks_host.controller.reconcile_now("edoras").await;
+    let c = cluster(&client, "edoras").await.unwrap();
+    assert_eq!(c.condition("Ready").unwrap().status, "True");
+    ks_host.stop().await.unwrap();
 }

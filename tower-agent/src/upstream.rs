@@ -16,7 +16,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower_proto::http::{
-    Body, caller_request_headers, empty, request_headers, response_headers, status,
+    Body, caller_request_headers_with_host, empty, request_headers, response_headers, status,
 };
 use tower_proto::names::UPSTREAM_KS_APISERVER;
 use tower_proto::tunnel::{decode_upgrade, wants_caller_credential};
@@ -170,7 +170,7 @@ impl Upstream {
     /// asked for it ([`wants_caller_credential`]), else the agent's.
     fn headers(&self, incoming: &HeaderMap) -> Result<HeaderMap, Box<Response<Body>>> {
         if wants_caller_credential(incoming) {
-            return Ok(caller_request_headers(incoming));
+            return Ok(caller_request_headers_with_host(incoming));
         }
         let mut headers = request_headers(incoming);
         if let Some(token) = &self.token {

@@ -275,16 +275,20 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                 .as_ref()
                 .and_then(|c| c.token().map(str::to_string))
                 .unwrap_or_else(|| Secret::generate().expose().to_string());
-            let patch = serde_json::json!({
+            let mut patch = serde_json::json!({
                 "apiVersion": "cluster.kubesphere.io/v1alpha1",
                 "kind": "Cluster",
                 "metadata": { "name": cluster },
                 "spec": {
-                    "enable": true,
-                    "joinFederation": false,
                     "connection": { "type": "proxy", "token": token },
                 },
             });
+            if existing.is_none() {
+                // A new Cluster; one KubeSphere's console made keeps its own
+                // `enable` and `joinFederation` (KubeSphere mode serves it by them).
+                patch["spec"]["enable"] = true.into();
+                patch["spec"]["joinFederation"] = false.into();
+            }
             clusters
                 .patch(
                     cluster,

@@ -8,7 +8,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower_proto::http::{
-    Body, caller_request_headers, empty, request_headers, response_headers, status,
+    Body, caller_request_headers_with_host, empty, request_headers, response_headers, status,
 };
 use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 use tower_proto::route::{RouteError, route};
@@ -113,7 +113,13 @@ pub(super) async fn handle(
     *out.headers_mut() = match credential {
         Credential::Agent => request_headers(&parts.headers),
         Credential::Caller => {
-            let mut headers = caller_request_headers(&parts.headers);
+            let mut headers = caller_request_headers_with_host(&parts.headers);
+            if !headers.contains_key(header::HOST)
+                && let Some(authority) = parts.uri.authority()
+                && let Ok(host) = HeaderValue::from_str(authority.as_str())
+            {
+                headers.insert(header::HOST, host);
+            }
             headers.insert(
                 CREDENTIAL_HEADER,
                 HeaderValue::from_static(CREDENTIAL_CALLER),

@@ -178,8 +178,13 @@ impl ServiceDialer {
         let server = current_server(&original).context("the kubeconfig names no server")?;
         let rewritten = Kubeconfig::from_yaml(&self.rewrite_kubeconfig(kubeconfig).await?)?;
         crate::testbed::install_crypto_provider();
-        let config =
+        let mut config =
             kube::Config::from_custom_kubeconfig(rewritten, &KubeConfigOptions::default()).await?;
+        // client-go retries a request only when the answer carries Retry-After
+        // (k8s.io/client-go rest/request.go, `checkWait` / `IsRetryableError`):
+        // a plain 503 is an error at once. kube-rs would retry 429/503/504 on
+        // its own; KubeSphere's controller and webhook do not.
+        config.default_retry = false;
         Ok((kube::Client::try_from(config)?, server))
     }
 }

@@ -53,7 +53,9 @@ pub(super) async fn on_availability(ctx: &Ctx, cluster: &Cluster, available: &Av
     }
 }
 
-/// Whether `e` is an admission webhook's refusal.
+/// Whether `e` is an admission webhook's refusal, or a webhook that failed
+/// to answer (KubeSphere registers its Cluster webhook with `failurePolicy:
+/// Fail`).
 pub(super) fn refused_by_admission(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.message.contains("admission webhook"))
+    matches!(e, kube::Error::Api(s) if s.message.contains("admission webhook") || s.message.contains("failed calling webhook"))
 }

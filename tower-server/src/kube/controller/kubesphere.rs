@@ -286,7 +286,7 @@ async fn ensure_service(ctx: &Ctx, cluster: &str, ports: ClusterPorts) -> anyhow
         "spec": {
             "selector": POD_LABELS.iter().map(|(k, v)| ((*k).to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
             "ports": [
-                { "name": "kube", "protocol": "TCP", "port": SERVICE_KUBE_PORT, "targetPort": ports.kube },
+                { "name": "kubernetes", "protocol": "TCP", "port": SERVICE_KUBE_PORT, "targetPort": ports.kube },
                 { "name": "kubesphere", "protocol": "TCP", "port": SERVICE_KS_PORT, "targetPort": ports.ks },
             ],
         },
