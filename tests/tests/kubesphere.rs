@@ -697,7 +697,6 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
 
     // The member's agent, serving kube-apiserver and the member's ks-apiserver (plain HTTP).
     let start = |token: String| {
-        let env = env;
         let ks_url = member_ks.url();
         async move {
             let client = env.host.client().await.unwrap();
