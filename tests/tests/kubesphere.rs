@@ -608,6 +608,39 @@ async fn kubectl_watch_and_upgrades_through_the_cluster_listeners() {
         .unwrap();
     let back = read_until(&mut tcp, "ping through the ks listener").await;
     assert!(back.contains("ping through the ks listener"), "{back}");
+
+    // The Service belongs to the Cluster; deleting the Cluster closes its
+    // listeners and ends its session.
+    let svc = Api::<Service>::namespaced(client.clone(), "kubesphere-system")
+        .get("mc-osgiliath")
+        .await
+        .unwrap();
+    let owner = &svc.metadata.owner_references.clone().unwrap_or_default()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Cluster", "osgiliath")
+    );
+    assert_eq!(Some(owner.uid.clone()), c.metadata.uid);
+    Api::<Cluster>::all(client.clone())
+        .delete("osgiliath", &Default::default())
+        .await
+        .unwrap();
+    let closed = eventually(Duration::from_secs(10), || async {
+        let kube = tokio::net::TcpStream::connect(kube_addr).await.is_err();
+        let ks = tokio::net::TcpStream::connect(ks_addr).await.is_err();
+        (kube && ks).then_some(())
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the deleted Cluster's listeners still accept"
+    );
+    let ended = eventually(Duration::from_secs(10), || async {
+        let state = _agent.agent.state().borrow().clone();
+        (!matches!(state, tower_agent::AgentState::Connected { .. })).then_some(())
+    })
+    .await;
+    assert!(ended.is_some(), "the deleted Cluster's session is still up");
 }
 
 /// The KubeSphere stand-in's shared JWT secret (ks-apiserver's `jwtSecret`).

@@ -5,7 +5,8 @@
 //! - ports: a kube port P in the configured range and a ks port P+10000, no
 //!   two Clusters alike, written to `spec.connection` once;
 //! - Service `mc-<cluster>` in the server's namespace, 6443→P and 80→P+10000,
-//!   selecting the tower pods (`app: tower`, `app.kubernetes.io/name: tower`);
+//!   selecting the tower pods (`app: tower`, `app.kubernetes.io/name: tower`),
+//!   owned by the Cluster so that it goes with it;
 //! - `kubernetesAPIEndpoint` `https://<ClusterIP>:6443` and
 //!   `kubesphereAPIEndpoint` `http://<ClusterIP>:80`, each written only when
 //!   empty;
@@ -144,7 +145,7 @@ pub(super) async fn setup(
         tracing::info!(cluster = %name, kube, ks = kube + KS_PORT_OFFSET, "assigned the cluster's ports");
         return Ok(Setup::Wrote);
     };
-    let cluster_ip = ensure_service(ctx, &name, ports).await?;
+    let cluster_ip = ensure_service(ctx, cluster, ports).await?;
     let connection = cluster.spec.connection.clone().unwrap_or_default();
     let mut patch = serde_json::Map::new();
     let kube_endpoint = match connection
@@ -272,7 +273,9 @@ fn allocate_port(ctx: &Ctx, cluster: &Cluster) -> anyhow::Result<u16> {
 
 /// Makes Service `mc-<cluster>` match `ports` (applied only when it differs);
 /// returns its ClusterIP.
-async fn ensure_service(ctx: &Ctx, cluster: &str, ports: ClusterPorts) -> anyhow::Result<String> {
+async fn ensure_service(ctx: &Ctx, owner: &Cluster, ports: ClusterPorts) -> anyhow::Result<String> {
+    let cluster = owner.name_any();
+    let cluster = cluster.as_str();
     let api = Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.namespace);
     let name = format!("{SERVICE_PREFIX}{cluster}");
     let wanted = serde_json::json!({
@@ -282,6 +285,13 @@ async fn ensure_service(ctx: &Ctx, cluster: &str, ports: ClusterPorts) -> anyhow
             "name": name,
             "namespace": ctx.config.namespace,
             "labels": { "app.kubernetes.io/managed-by": "tower-server", "tower.kubesphere.io/cluster": cluster },
+            // The Service goes with its Cluster (garbage collection).
+            "ownerReferences": owner.metadata.uid.as_ref().map(|uid| vec![serde_json::json!({
+                "apiVersion": "cluster.kubesphere.io/v1alpha1",
+                "kind": "Cluster",
+                "name": cluster,
+                "uid": uid,
+            })]).unwrap_or_default(),
         },
         "spec": {
             "selector": POD_LABELS.iter().map(|(k, v)| ((*k).to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),

@@ -91,6 +91,17 @@ fn on_cluster_event(ctx: &Ctx, event: watcher::Event<Cluster>) -> Vec<ObjectRef<
         .map(|c| c.name_any())
         .collect();
     ctx.store.retain(&live);
+    // A deleted (or no longer served) Cluster never reaches a reconcile:
+    // its listeners close here.
+    let served: HashSet<String> = ctx
+        .clusters
+        .state()
+        .iter()
+        .filter(|c| super::reconcile::managed(c) && super::kubesphere::served(ctx, c))
+        .map(|c| c.name_any())
+        .collect();
+    ctx.server
+        .retain_cluster_listeners(|c| served.contains(c));
     match event {
         watcher::Event::Apply(c) => vec![ObjectRef::from_obj(&c)],
         watcher::Event::InitDone => ctx
