@@ -51,6 +51,14 @@ async fn start_env() -> anyhow::Result<Env> {
     .await?;
     let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
     let ks = HttpsUpstream::echo(dir.path()).await?;
+    // The leader publishes its address once it leads; wait for it.
+    let cms: Api<ConfigMap> = Api::namespaced(host.client().await?, "kubesphere-system");
+    eventually(Duration::from_secs(30), || {
+        let cms = cms.clone();
+        async move { cms.get_opt("tower-server").await.ok().flatten() }
+    })
+    .await
+    .ok_or_else(|| anyhow::anyhow!("the server never published its info ConfigMap"))?;
     Ok(Env {
         _bed: bed,
         host,
@@ -713,6 +721,15 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
         .create(&PostParams::default(), &obj)
         .await
         .unwrap();
+    // Its Agent object (as `towerctl join` makes one), where tower reports the
+    // connection whether or not the Cluster may be written.
+    Api::<tower_server::crd::Agent>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &tower_server::crd::Agent::new("edoras", Default::default()),
+        )
+        .await
+        .unwrap();
     let c = wait_condition(
         &client,
         "edoras",
@@ -875,6 +892,11 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
 
     // A quiet minute: tower writes nothing; KubeSphere's own writes are counted apart.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let agent_rv = Api::<tower_server::crd::Agent>::all(client.clone())
+        .get("edoras")
+        .await
+        .unwrap()
+        .resource_version();
     let ks_before = ks_host.controller.writes().total();
     let modified = cluster_modifications(&client, "edoras", Duration::from_secs(60)).await;
     let ks_writes = ks_host.controller.writes().total() - ks_before;
@@ -884,6 +906,15 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
     assert_eq!(
         modified as u64, ks_writes,
         "tower wrote the Cluster during a quiet minute"
+    );
+    let agent_rv_after = Api::<tower_server::crd::Agent>::all(client.clone())
+        .get("edoras")
+        .await
+        .unwrap()
+        .resource_version();
+    assert_eq!(
+        agent_rv_after, agent_rv,
+        "tower wrote the Agent during a quiet minute"
     );
     let c = cluster(&client, "edoras").await.unwrap();
     for t in ["Initialized", "AgentAvailable", "Ready"] {
@@ -910,7 +941,10 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
         (c.status == "False").then_some(())
     })
     .await;
-    // Without an Agent object the Event carries it.
+    assert!(
+        disconnected.is_some(),
+        "the Agent's status never said Connected False"
+    );
     let event = eventually(Duration::from_secs(15), || async {
         let out = env
             .host
@@ -933,7 +967,7 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
     .await;
     assert!(event.is_some(), "no AgentDisconnected Event for edoras");
     eprintln!(
-        "kubesphere: agent killed -> Event in {:.2?} (Agent status: {disconnected:?})",
+        "kubesphere: agent killed -> Agent status and Event in {:.2?}",
         gone.elapsed()
     );
     let refused = eventually(Duration::from_secs(20), || async {
@@ -944,6 +978,17 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
         refused.is_some(),
         "the webhook never refused a write while the member was away"
     );
+    // ... and tower counts the refusals in its metrics.
+    let refusals = eventually(Duration::from_secs(10), || async {
+        let metrics = http_get(env.server.ops_addr, "/metrics").await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with("tower_server_cluster_write_refusals_total "))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+            .filter(|n| *n > 0.0)
+    })
+    .await;
+    assert!(refusals.is_some(), "no refused Cluster write in /metrics");
 
     // The member comes back: the condition is right again.
     let _agent = start(token).await;
@@ -959,4 +1004,11 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
     let c = cluster(&client, "edoras").await.unwrap();
     assert_eq!(c.condition("Ready").unwrap().status, "True");
     ks_host.stop().await.unwrap();
+}
+
+/// A plain HTTP/1.1 GET; the body as text.
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let (code, body) = request(addr, None, path, &[]).await;
+    assert_eq!(code, 200, "GET {path}");
+    String::from_utf8_lossy(&body).to_string()
 }

@@ -100,8 +100,7 @@ fn on_cluster_event(ctx: &Ctx, event: watcher::Event<Cluster>) -> Vec<ObjectRef<
         .filter(|c| super::reconcile::managed(c) && super::kubesphere::served(ctx, c))
         .map(|c| c.name_any())
         .collect();
-    ctx.server
-        .retain_cluster_listeners(|c| served.contains(c));
+    ctx.server.retain_cluster_listeners(|c| served.contains(c));
     match event {
         watcher::Event::Apply(c) => vec![ObjectRef::from_obj(&c)],
         watcher::Event::InitDone => ctx
