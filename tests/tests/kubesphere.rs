@@ -1003,6 +1003,51 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
     let _ = ks_host.controller.reconcile_now("edoras").await;
     let c = cluster(&client, "edoras").await.unwrap();
     assert_eq!(c.condition("Ready").unwrap().status, "True");
+
+    // Deleting the Cluster: KubeSphere removes its finalizer with an UPDATE
+    // its webhook admits only if the member is reachable through tower, so
+    // tower serves the Cluster until the object is gone, then lets go.
+    let ports = c.spec.connection.as_ref().unwrap();
+    let kube_addr: SocketAddr = format!("127.0.0.1:{}", ports.kubernetes_api_server_port.unwrap())
+        .parse()
+        .unwrap();
+    assert!(
+        c.metadata
+            .finalizers
+            .iter()
+            .flatten()
+            .any(|f| f == kubesphere::CLUSTER_FINALIZER),
+        "KubeSphere's finalizer is on the Cluster"
+    );
+    Api::<Cluster>::all(client.clone())
+        .delete("edoras", &Default::default())
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    let gone = eventually(Duration::from_secs(30), || async {
+        cluster(&client, "edoras").await.is_none().then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the Cluster never went away: {:?}",
+        cluster(&client, "edoras").await.map(|c| c.metadata)
+    );
+    let closed = eventually(Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(kube_addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(
+        closed.is_some(),
+        "the deleted Cluster's kube listener still accepts"
+    );
+    eprintln!(
+        "kubesphere: Cluster deleted through KubeSphere's finalizer in {:.2?}",
+        deleted.elapsed()
+    );
     ks_host.stop().await.unwrap();
 }
 

@@ -26,8 +26,8 @@ use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams};
 
-use super::Ctx;
 use super::status::{Availability, merge_condition};
+use super::{Ctx, merge_params};
 use crate::gateway::ClusterPorts;
 use crate::kube::crd::{CONDITION_INITIALIZED, Cluster, Condition, FIELD_MANAGER};
 
@@ -140,7 +140,7 @@ pub(super) async fn setup(
             }},
         });
         Api::<Cluster>::all(ctx.client.clone())
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(&name, &merge_params(), &Patch::Merge(&patch))
             .await?;
         tracing::info!(cluster = %name, kube, ks = kube + KS_PORT_OFFSET, "assigned the cluster's ports");
         return Ok(Setup::Wrote);

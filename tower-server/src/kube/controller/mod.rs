@@ -154,6 +154,15 @@ struct Ctx {
     status_path: status::StatusPath,
 }
 
+/// Parameters of every merge patch the controller makes: field manager
+/// `tower-server`, so that `managedFields` name who wrote.
+fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(crate::kube::crd::FIELD_MANAGER.into()),
+        ..Default::default()
+    }
+}
+
 /// Server-side applies `patch` to `name` as `manager`, forced: the write every
 /// apply here makes.
 async fn force_apply<K>(

@@ -19,11 +19,14 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 /// Longest wait between retries.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Whether Tower manages this Cluster: a live proxy Cluster with a valid name.
+/// Whether Tower manages this Cluster: a proxy Cluster with a valid name.
+///
+/// One being deleted stays managed until it is gone: KubeSphere removes its
+/// finalizer with an UPDATE that its webhook admits only if the member is
+/// reachable through the kubeconfig, i.e. through Tower. So its token,
+/// session and listeners live on; only the writes stop.
 pub(super) fn managed(cluster: &Cluster) -> bool {
-    cluster.is_proxy()
-        && cluster.metadata.deletion_timestamp.is_none()
-        && tower_proto::names::is_valid_cluster_name(&cluster.name_any())
+    cluster.is_proxy() && tower_proto::names::is_valid_cluster_name(&cluster.name_any())
 }
 
 /// Brings one Cluster (and its Agent) in step; requeued every resync.
@@ -46,6 +49,11 @@ pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Ac
         kubesphere::ensure_listeners(&ctx, &cluster)?;
     } else {
         ctx.server.retain_cluster_listeners(|c| c != name);
+    }
+    if cluster.metadata.deletion_timestamp.is_some() {
+        // Serve it until the object is gone (the watch's delete ends it).
+        ctx.backoff.reset(&name);
+        return Ok(Action::await_change());
     }
     if ctx.leadership.is_leader() {
         write(&ctx, &cluster, agent.as_deref()).await?;

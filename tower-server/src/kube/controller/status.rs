@@ -11,9 +11,10 @@ use std::time::SystemTime;
 use k8s_openapi::ByteString;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch};
 use kube::{Resource, ResourceExt};
 
+use super::merge_params;
 use crate::Server;
 use crate::kube::crd::{
     Agent, AgentStatus, CONDITION_AGENT_AVAILABLE, CONDITION_CONNECTED, Cluster, Condition,
@@ -119,7 +120,7 @@ pub(super) async fn write_cluster(
     let mut resource_version = cluster.resource_version();
     if connection.is_some() || !via_subresource {
         let written = api
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(&name, &merge_params(), &Patch::Merge(&patch))
             .await?;
         resource_version = written.resource_version();
         let Some(conditions) = &conditions else {
@@ -146,7 +147,7 @@ pub(super) async fn write_cluster(
         "metadata": { "resourceVersion": resource_version },
         "status": { "conditions": conditions },
     });
-    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    api.patch_status(&name, &merge_params(), &Patch::Merge(&patch))
         .await?;
     Ok(())
 }
@@ -257,11 +258,7 @@ where
         "status": status,
     });
     Api::<K>::all(client.clone())
-        .patch_status(
-            &object.name_any(),
-            &PatchParams::default(),
-            &Patch::Merge(&patch),
-        )
+        .patch_status(&object.name_any(), &merge_params(), &Patch::Merge(&patch))
         .await?;
     Ok(())
 }

@@ -62,7 +62,11 @@ impl Req {
     pub fn assert_status_merge(&self, path: &str, resource_version: Option<&str>) {
         assert_eq!((self.method.as_str(), self.path.as_str()), ("PATCH", path));
         assert_eq!(self.content_type, MERGE);
-        assert!(!self.query.contains_key("fieldManager"), "{:?}", self.query);
+        assert_eq!(
+            self.query["fieldManager"], "tower-server",
+            "{:?}",
+            self.query
+        );
         let guard = serde_json::json!({ "resourceVersion": resource_version });
         assert_eq!(self.body["metadata"], guard);
     }
