@@ -867,8 +867,9 @@ async fn webhook_refuses_the_controllers_not_ready_while_the_member_is_unreachab
     let err = controller
         .reconcile_now("gone")
         .await
-        .expect_err("join fails");
-    assert!(format!("{err:#}").contains("joining cluster"), "{err:#}");
+        .expect_err("the join fails and so does its status Update");
+    // The sync returns the refused Update's error (cluster_controller.go ~439-445).
+    assert!(format!("{err:#}").contains("denied the request"), "{err:#}");
     let after = controller.writes();
     assert_eq!(after.refused, before.refused + 1, "{after:?}");
     assert_eq!(after.total(), before.total(), "{after:?}");

@@ -108,6 +108,9 @@ pub enum SyncOutcome {
     Written { substantive: bool },
     /// No Update: only timestamps would have changed (never with the real behaviour).
     Unchanged,
+    /// The join failed and Federated/Ready went False in a successful Update;
+    /// not retried (~439-445).
+    JoinFailed(String),
 }
 
 #[derive(Default)]
@@ -373,10 +376,17 @@ impl Inner {
                     "Cluster is Not Ready now",
                 ),
             );
-            if let Err(update) = self.update(&api, name, &cluster, Write::Status(&old)).await {
-                tracing::debug!(cluster = name, error = %format!("{update:#}"), "ks stand-in: failed to update cluster status");
-            }
-            return Err(e);
+            // ~439-445: the sync returns the Update's own result, not the join
+            // error: a status write that succeeds ends the sync without a retry,
+            // and a status-only change starts no new sync (~180-186), so Ready
+            // waits for the next resync (or `reconcile_now`).
+            return match self.update(&api, name, &cluster, Write::Status(&old)).await {
+                Ok(_) => Ok(SyncOutcome::JoinFailed(format!("{e:#}"))),
+                Err(update) => {
+                    tracing::debug!(cluster = name, error = %format!("{update:#}"), "ks stand-in: failed to update cluster status");
+                    Err(update)
+                }
+            };
         }
         set_condition(
             &mut cluster,
