@@ -70,7 +70,13 @@ pub(crate) struct Connection {
     /// Set after a credential matched.
     authed: Option<Authenticated>,
     session: Option<Arc<Session>>,
-    pending: HashMap<ChannelId, Channel<Msg>>,
+    /// The session channel waiting for its subsystem request: its task reads
+    /// it meanwhile ([`hold_session_channel`]), and takes it over as the
+    /// control channel when this says so. Dropping the sender (the request
+    /// named something else, or the connection ended) drops the channel.
+    pending: HashMap<ChannelId, tokio::sync::oneshot::Sender<Promote>>,
+    /// One session channel per connection: the control channel.
+    session_channel_opened: bool,
     /// Cancelled once a valid credential is accepted; ends the auth deadline.
     authenticated: CancellationToken,
 }
@@ -97,6 +103,7 @@ impl Connection {
             authed: None,
             session: None,
             pending: HashMap::new(),
+            session_channel_opened: false,
             authenticated,
         }
     }
@@ -217,14 +224,43 @@ impl Handler for Connection {
         reply: ChannelOpenHandle,
         _session: &mut SshSession,
     ) -> Result<(), Self::Error> {
-        if self.authed.is_none() || !self.pending.is_empty() {
+        if self.authed.is_none() || self.session_channel_opened {
             reply
                 .reject(ChannelOpenFailure::AdministrativelyProhibited)
                 .await;
             return Ok(());
         }
         reply.accept().await;
-        self.pending.insert(channel.id(), channel);
+        self.session_channel_opened = true;
+        let (promote, promoted) = tokio::sync::oneshot::channel();
+        self.pending.insert(channel.id(), promote);
+        self.shared.tasks.spawn(hold_session_channel(
+            self.shared.clone(),
+            channel,
+            promoted,
+            self.peer,
+        ));
+        Ok(())
+    }
+
+    async fn exec_request(
+        &mut self,
+        channel: ChannelId,
+        _data: &[u8],
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        tracing::debug!(peer = ?self.peer, "refusing an exec request");
+        session.channel_failure(channel)?;
+        Ok(())
+    }
+
+    async fn shell_request(
+        &mut self,
+        channel: ChannelId,
+        session: &mut SshSession,
+    ) -> Result<(), Self::Error> {
+        tracing::debug!(peer = ?self.peer, "refusing a shell request");
+        session.channel_failure(channel)?;
         Ok(())
     }
 
@@ -234,22 +270,21 @@ impl Handler for Connection {
         name: &str,
         session: &mut SshSession,
     ) -> Result<(), Self::Error> {
-        let Some(channel) = self.pending.remove(&channel_id) else {
+        let Some(promote) = self.pending.remove(&channel_id) else {
             session.channel_failure(channel_id)?;
             return Ok(());
         };
         if name != CONTROL_SUBSYSTEM {
+            // Dropping `promote` ends the channel's task, and the channel.
             session.channel_failure(channel_id)?;
             return Ok(());
         }
         session.channel_success(channel_id)?;
-        let refusal = self.authed.as_ref().and_then(|a| a.refused);
-        let shared = self.shared.clone();
-        let target = self.session.clone();
-        let handle = session.handle();
-        self.shared.tasks.spawn(super::control::serve(
-            shared, channel, target, refusal, handle,
-        ));
+        let _ = promote.send(Promote {
+            session: self.session.clone(),
+            refusal: self.authed.as_ref().and_then(|a| a.refused),
+            handle: session.handle(),
+        });
         Ok(())
     }
 
@@ -304,6 +339,58 @@ impl Handler for Connection {
             .reject(ChannelOpenFailure::AdministrativelyProhibited)
             .await;
         Ok(())
+    }
+}
+
+/// What a session channel needs to become the control channel.
+struct Promote {
+    session: Option<Arc<Session>>,
+    refusal: Option<&'static str>,
+    handle: russh::server::Handle,
+}
+
+/// Bytes a session channel may carry before its subsystem request; past it
+/// the channel is closed. An agent sends nothing there.
+const PENDING_DATA_CAP: usize = 64 * 1024;
+
+/// Reads a session channel until its subsystem request, discarding what
+/// arrives (at most [`PENDING_DATA_CAP`]), then serves it as the control
+/// channel. russh refills a channel's window on arrival and its session loop
+/// waits while a channel's queue is full, so a channel nobody reads would
+/// stop the whole connection, cuts and keepalives included; this one is
+/// always read, or dropped (russh then discards what arrives for it).
+async fn hold_session_channel(
+    shared: Arc<Shared>,
+    mut channel: Channel<Msg>,
+    mut promoted: tokio::sync::oneshot::Receiver<Promote>,
+    peer: Option<SocketAddr>,
+) {
+    let mut discarded = 0usize;
+    loop {
+        tokio::select! {
+            biased;
+            promote = &mut promoted => {
+                // Err: the request named another subsystem, or the connection
+                // ended; the channel goes with this task.
+                if let Ok(p) = promote {
+                    super::control::serve(shared, channel, p.session, p.refusal, p.handle).await;
+                }
+                return;
+            }
+            msg = channel.wait() => match msg {
+                None => return,
+                Some(russh::ChannelMsg::Data { data })
+                | Some(russh::ChannelMsg::ExtendedData { data, .. }) => {
+                    discarded += data.len();
+                    if discarded > PENDING_DATA_CAP {
+                        tracing::warn!(?peer, bytes = discarded, "closing a session channel that carries data before its subsystem request");
+                        let _ = tokio::time::timeout(Duration::from_secs(1), channel.close()).await;
+                        return;
+                    }
+                }
+                Some(_) => {}
+            },
+        }
     }
 }
 

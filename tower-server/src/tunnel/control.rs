@@ -74,6 +74,10 @@ pub(super) async fn serve(
         }
         (Err(why), _) => {
             tracing::warn!(reason = %why, "agent refused on control channel");
+            // The refusal is written; nothing more is read from a refused
+            // peer, so the channel goes now (russh then discards what
+            // arrives for it) rather than sit unread while we wait.
+            drop(stream);
             tokio::time::sleep(Duration::from_millis(200)).await;
             let _ = handle
                 .disconnect(
