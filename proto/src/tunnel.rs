@@ -127,6 +127,37 @@ pub fn upgrade_accepted(status: StatusCode, version: Version) -> bool {
     }
 }
 
+/// Header on the agent's answer to an extended CONNECT whose upstream refused
+/// the upgrade with a `2xx` status. Over HTTP/2 any `2xx` answer to CONNECT
+/// opens a tunnel, so such a refusal travels as `502` with the upstream's own
+/// status here ([`encode_upgrade_refusal`]); the server restores it
+/// ([`decode_upgrade_refusal`]). A server that does not know the header shows
+/// the `502`.
+pub const UPGRADE_STATUS_HEADER: &str = "x-tower-upgrade-status";
+
+/// Agent side: makes an upstream's refusal of an upgrade (any status but `101`)
+/// safe to send as the answer to an extended CONNECT.
+pub fn encode_upgrade_refusal(parts: &mut http::response::Parts) {
+    if parts.status.is_success() {
+        let code = HeaderValue::from(parts.status.as_u16());
+        parts.headers.insert(UPGRADE_STATUS_HEADER, code);
+        parts.status = StatusCode::BAD_GATEWAY;
+    }
+}
+
+/// Server side: the upstream's own status of a refused upgrade, restored.
+pub fn decode_upgrade_refusal(parts: &mut http::response::Parts) {
+    if let Some(code) = parts
+        .headers
+        .remove(UPGRADE_STATUS_HEADER)
+        .and_then(|v| v.to_str().ok()?.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .filter(|c| parts.status == StatusCode::BAD_GATEWAY && c.is_success())
+    {
+        parts.status = code;
+    }
+}
+
 /// The upgrade an extended CONNECT request carries: the original method and
 /// the protocol. `None` for any other request.
 pub fn decode_upgrade<B>(req: &Request<B>) -> Option<(Method, String)> {
@@ -145,6 +176,31 @@ pub fn decode_upgrade<B>(req: &Request<B>) -> Option<(Method, String)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_2xx_refusal_of_an_upgrade_crosses_as_502_and_comes_back() {
+        let (mut parts, ()) = http::Response::builder()
+            .status(200)
+            .body(())
+            .unwrap()
+            .into_parts();
+        encode_upgrade_refusal(&mut parts);
+        assert_eq!(parts.status, StatusCode::BAD_GATEWAY);
+        assert!(!upgrade_accepted(parts.status, Version::HTTP_2));
+        decode_upgrade_refusal(&mut parts);
+        assert_eq!(parts.status, StatusCode::OK);
+        assert!(parts.headers.get(UPGRADE_STATUS_HEADER).is_none());
+        // Other refusals cross as they are; a stray header changes nothing.
+        let (mut parts, ()) = http::Response::builder()
+            .status(403)
+            .header(UPGRADE_STATUS_HEADER, "200")
+            .body(())
+            .unwrap()
+            .into_parts();
+        encode_upgrade_refusal(&mut parts);
+        decode_upgrade_refusal(&mut parts);
+        assert_eq!(parts.status, StatusCode::FORBIDDEN);
+    }
+
     use super::*;
 
     #[test]

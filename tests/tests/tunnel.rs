@@ -656,6 +656,34 @@ async fn bidirectional_upgrade_round_trips_bytes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_the_upstream_answers_with_200_reaches_the_client_as_200() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let env = env();
+    let mut tls = gateway_tls(env).await;
+    // The echo upstream switches only for `Upgrade: echo`; this one it
+    // answers with a plain 200 and its JSON.
+    let req = "GET /kapis/clusters/gondor/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+               Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+               Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n";
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&got).contains("\"path\"") {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"path\":\"/kapis/echo\""), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("x-tower-"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn liveness_kill_restart_and_in_flight() {
     let env = env();
     let dir = tempfile::tempdir().unwrap();

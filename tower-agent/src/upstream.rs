@@ -19,7 +19,7 @@ use tower_proto::http::{
     Body, caller_request_headers_with_host, empty, request_headers, response_headers, status,
 };
 use tower_proto::names::UPSTREAM_KS_APISERVER;
-use tower_proto::tunnel::{decode_upgrade, wants_caller_credential};
+use tower_proto::tunnel::{decode_upgrade, encode_upgrade_refusal, wants_caller_credential};
 
 /// How to reach and authenticate to one upstream.
 #[derive(Clone, Debug)]
@@ -250,6 +250,7 @@ impl Upstream {
         if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
             let (mut parts, body) = resp.into_parts();
             parts.headers = response_headers(&parts.headers);
+            encode_upgrade_refusal(&mut parts);
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
         let upstream_side = hyper::upgrade::on(&mut resp);

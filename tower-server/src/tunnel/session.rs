@@ -251,7 +251,9 @@ impl Session {
         if tunnel::upgrade_accepted(resp.status(), resp.version()) {
             Ok(Ok(resp))
         } else {
-            Ok(Err(resp))
+            let (mut parts, body) = resp.into_parts();
+            tunnel::decode_upgrade_refusal(&mut parts);
+            Ok(Err(Response::from_parts(parts, body)))
         }
     }
 
