@@ -287,6 +287,30 @@ async fn set_up_listeners_and_identity_by_credential() {
         Duration::from_secs(10),
     )
     .await;
+    // `towerctl join` on a Cluster the console made keeps what KubeSphere set.
+    let out =
+        std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl").unwrap())
+            .arg("--kubeconfig")
+            .arg(env.host.admin_kubeconfig())
+            .args(["join", "minas"])
+            .output()
+            .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let joined = cluster(&client, "minas").await.unwrap();
+    assert_eq!(
+        joined.spec.join_federation,
+        Some(true),
+        "towerctl join changed joinFederation"
+    );
+    assert_eq!(
+        joined.token(),
+        Some(token.as_str()),
+        "towerctl join changed the token"
+    );
     let ks_addr: SocketAddr = format!("127.0.0.1:{}", kube_port + 10_000).parse().unwrap();
     let kube_addr: SocketAddr = format!("127.0.0.1:{kube_port}").parse().unwrap();
     let (code, body) = request(ks_addr, None, "/kapis/version", &[]).await;

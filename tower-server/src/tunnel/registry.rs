@@ -34,6 +34,7 @@ impl Registry {
     /// Adds `session`, returning the one it replaced.
     pub fn insert(&self, session: Arc<Session>) -> Option<Arc<Session>> {
         let _ = session.metrics.set(self.metrics.clone());
+        let _ = session.registry_changed.set(self.changed.clone());
         let mut sessions = self.lock();
         let old = sessions.insert(session.cluster.clone(), session.clone());
         self.metrics.sessions.set(sessions.len() as i64);
@@ -61,7 +62,8 @@ impl Registry {
         self.lock().values().cloned().collect()
     }
 
-    /// A receiver that changes whenever a session comes, goes or changes upstreams.
+    /// A receiver that changes whenever a session comes, goes, changes
+    /// upstreams or first measures its round trip.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }

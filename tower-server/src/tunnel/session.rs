@@ -59,6 +59,11 @@ pub struct Session {
     pub closed: CancellationToken,
     open_channels: Arc<AtomicUsize>,
     pub(super) metrics: std::sync::OnceLock<Arc<Metrics>>,
+    /// The registry's change signal, set when the session is registered: the
+    /// first round trip measured is a change observers care about (the
+    /// Agent's status shows it), so it is written at once, not during a
+    /// later quiet spell.
+    pub(super) registry_changed: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
     /// The server's tasks, which shutdown waits for.
     tasks: TaskTracker,
 }
@@ -101,6 +106,7 @@ impl Session {
             closed: CancellationToken::new(),
             open_channels: Arc::default(),
             metrics: std::sync::OnceLock::new(),
+            registry_changed: std::sync::OnceLock::new(),
             tasks,
         }
     }
@@ -207,7 +213,10 @@ impl Session {
             reason: e.to_string(),
         })?;
         let rtt = started.elapsed();
-        self.lock().rtt = Some(rtt);
+        let first = self.lock().rtt.replace(rtt).is_none();
+        if first && let Some(changed) = self.registry_changed.get() {
+            changed.send_modify(|g| *g += 1);
+        }
         let metrics = self.metrics.get().cloned().unwrap_or_default();
         metrics.channel_open_seconds.observe(rtt.as_secs_f64());
         Ok(TokioIo::new(ChannelIo::new(

@@ -152,11 +152,11 @@ fn end_session(ctx: &Ctx, cluster: &str) {
 }
 
 /// What a reconcile reads of a session that the registry announces: its id,
-/// upstreams, and whether its hello arrived.
-type SessionState = (u64, Vec<String>, bool);
+/// upstreams, whether its hello arrived, and whether its round trip is known.
+type SessionState = (u64, Vec<String>, bool, bool);
 
-/// Reconciles the Clusters whose session came, went, changed upstreams or
-/// said hello.
+/// Reconciles the Clusters whose session came, went, changed upstreams, said
+/// hello or first measured its round trip.
 pub(super) async fn session_triggers(
     ctx: Arc<Ctx>,
     triggers: Triggers,
@@ -170,7 +170,7 @@ pub(super) async fn session_triggers(
             .all()
             .iter()
             .map(|s| {
-                let state = (s.id, s.upstreams(), s.hello().is_some());
+                let state = (s.id, s.upstreams(), s.hello().is_some(), s.rtt().is_some());
                 (s.cluster.clone(), state)
             })
             .collect();
