@@ -35,15 +35,7 @@ async fn start_env() -> anyhow::Result<Env> {
     let dir = tempfile::tempdir()?;
     let server = KubeTowerServer::start(&host, dir.path(), "tower-server-0", |_| {}).await?;
     let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
-    // The leader publishes its address; wait for it.
-    let client = host.client().await?;
-    let cms: Api<ConfigMap> = Api::namespaced(client, "kubesphere-system");
-    eventually(Duration::from_secs(30), || {
-        let cms = cms.clone();
-        async move { cms.get_opt("tower-server").await.ok().flatten() }
-    })
-    .await
-    .ok_or_else(|| anyhow::anyhow!("the server never published its info ConfigMap"))?;
+    server.wait_published(&host).await?;
     Ok(Env {
         bed,
         host,

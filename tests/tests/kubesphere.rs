@@ -51,14 +51,7 @@ async fn start_env() -> anyhow::Result<Env> {
     .await?;
     let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
     let ks = HttpsUpstream::echo(dir.path()).await?;
-    // The leader publishes its address once it leads; wait for it.
-    let cms: Api<ConfigMap> = Api::namespaced(host.client().await?, "kubesphere-system");
-    eventually(Duration::from_secs(30), || {
-        let cms = cms.clone();
-        async move { cms.get_opt("tower-server").await.ok().flatten() }
-    })
-    .await
-    .ok_or_else(|| anyhow::anyhow!("the server never published its info ConfigMap"))?;
+    server.wait_published(&host).await?;
     Ok(Env {
         _bed: bed,
         host,
@@ -127,6 +120,19 @@ async fn wait_condition(
 /// An in-process agent for `name` with the Cluster's own token, serving the
 /// member's kube-apiserver and the ks stand-in.
 async fn start_agent(env: &Env, name: &str, token: &str) -> TowerAgent {
+    let ks = env
+        .ks
+        .upstream(UPSTREAM_KS_APISERVER, Some(&env.sa_token_file));
+    start_agent_with(env, name, token, ks).await
+}
+
+/// Like [`start_agent`], with `ks` as its ks-apiserver upstream.
+async fn start_agent_with(
+    env: &Env,
+    name: &str,
+    token: &str,
+    ks: tower_agent::UpstreamConfig,
+) -> TowerAgent {
     let client = env.host.client().await.unwrap();
     let info = Api::<ConfigMap>::namespaced(client, "kubesphere-system")
         .get("tower-server")
@@ -145,11 +151,7 @@ async fn start_agent(env: &Env, name: &str, token: &str) -> TowerAgent {
     };
     TowerAgent::start_with(
         TokenSource::Literal(join.encode()),
-        vec![
-            kube_upstream(&env.member, &env.sa_token_file),
-            env.ks
-                .upstream(UPSTREAM_KS_APISERVER, Some(&env.sa_token_file)),
-        ],
+        vec![kube_upstream(&env.member, &env.sa_token_file), ks],
     )
     .unwrap()
 }
@@ -770,42 +772,13 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
         .unwrap();
 
     // The member's agent, serving kube-apiserver and the member's ks-apiserver (plain HTTP).
-    let start = |token: String| {
-        let ks_url = member_ks.url();
-        async move {
-            let client = env.host.client().await.unwrap();
-            let data = Api::<ConfigMap>::namespaced(client, "kubesphere-system")
-                .get("tower-server")
-                .await
-                .unwrap()
-                .data
-                .unwrap();
-            let join = JoinToken {
-                claims: Claims {
-                    servers: vec![env.server.ssh_addr.to_string()],
-                    host_key: data["hostKeyFingerprint"].clone(),
-                    cluster: "edoras".into(),
-                    id: "cluster".into(),
-                    expires: None,
-                },
-                secret: Secret::new(&token),
-            };
-            TowerAgent::start_with(
-                TokenSource::Literal(join.encode()),
-                vec![
-                    kube_upstream(&env.member, &env.sa_token_file),
-                    tower_agent::UpstreamConfig {
-                        name: UPSTREAM_KS_APISERVER.into(),
-                        url: ks_url,
-                        ca_file: None,
-                        token_file: None,
-                    },
-                ],
-            )
-            .unwrap()
-        }
+    let ks_upstream = tower_agent::UpstreamConfig {
+        name: UPSTREAM_KS_APISERVER.into(),
+        url: member_ks.url(),
+        ca_file: None,
+        token_file: None,
     };
-    let agent = start(token.clone()).await;
+    let agent = start_agent_with(env, "edoras", &token, ks_upstream.clone()).await;
     wait_condition(
         &client,
         "edoras",
@@ -1015,7 +988,7 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
     assert!(refusals.is_some(), "no refused Cluster write in /metrics");
 
     // The member comes back: the condition is right again.
-    let _agent = start(token).await;
+    let _agent = start_agent_with(env, "edoras", &token, ks_upstream).await;
     wait_condition(
         &client,
         "edoras",
