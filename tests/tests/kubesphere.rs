@@ -96,6 +96,15 @@ async fn create_proxy_cluster(client: &Client, name: &str) {
         .unwrap();
 }
 
+/// Creates proxy Cluster `name` and waits for tower's set-up (`Initialized`);
+/// the Cluster and its connection.
+async fn create_initialized(client: &Client, name: &str) -> (Cluster, Connection) {
+    create_proxy_cluster(client, name).await;
+    let c = wait_condition(client, name, "Initialized", "True", Duration::from_secs(20)).await;
+    let conn = c.spec.connection.clone().unwrap();
+    (c, conn)
+}
+
 async fn wait_condition(
     client: &Client,
     name: &str,
@@ -223,18 +232,8 @@ const SELF_SUBJECT_REVIEW: &str =
 async fn set_up_listeners_and_identity_by_credential() {
     let env = env();
     let client = env.host.client().await.unwrap();
-    create_proxy_cluster(&client, "minas").await;
-
     // The one-time set-up, before any agent.
-    let c = wait_condition(
-        &client,
-        "minas",
-        "Initialized",
-        "True",
-        Duration::from_secs(20),
-    )
-    .await;
-    let conn = c.spec.connection.clone().unwrap();
+    let (_, conn) = create_initialized(&client, "minas").await;
     let token = conn.token.clone().expect("a token is generated when empty");
     assert!(token.len() >= 32, "{token}");
     let kube_port = conn.kubernetes_api_server_port.unwrap();
@@ -515,16 +514,7 @@ async fn kubectl_watch_and_upgrades_through_the_cluster_listeners() {
     use tokio::io::AsyncWriteExt;
     let env = env();
     let client = env.host.client().await.unwrap();
-    create_proxy_cluster(&client, "osgiliath").await;
-    let c = wait_condition(
-        &client,
-        "osgiliath",
-        "Initialized",
-        "True",
-        Duration::from_secs(20),
-    )
-    .await;
-    let conn = c.spec.connection.clone().unwrap();
+    let (_, conn) = create_initialized(&client, "osgiliath").await;
     let kube_port = conn.kubernetes_api_server_port.unwrap();
     let _agent = start_agent(env, "osgiliath", conn.token.as_deref().unwrap()).await;
     let c = wait_condition(
