@@ -125,6 +125,7 @@ pub fn status_reason(code: StatusCode) -> &'static str {
         StatusCode::UNAUTHORIZED => "Unauthorized",
         StatusCode::FORBIDDEN => "Forbidden",
         StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::TOO_MANY_REQUESTS => "TooManyRequests",
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE | StatusCode::URI_TOO_LONG => {
             "RequestEntityTooLarge"
         }

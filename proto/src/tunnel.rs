@@ -17,8 +17,9 @@ use crate::http::{Body, empty};
 
 /// HTTP/2 stream window inside the tunnel: what one stalled consumer can hold.
 pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
-/// HTTP/2 connection window inside the tunnel: large, so that stalled streams
-/// never starve the others.
+/// HTTP/2 connection window for what the agent receives (request bodies):
+/// large, so that stalled streams never starve the others. The server sizes
+/// its own receive window from its cluster share instead (see [`h2_client`]).
 pub const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
 /// Largest HTTP/2 frame either end sends inside the tunnel.
 pub const H2_MAX_FRAME: u32 = 64 * 1024;
@@ -26,8 +27,11 @@ pub const H2_MAX_FRAME: u32 = 64 * 1024;
 /// limit (256 KiB), so that oversized requests are refused at the gateway with
 /// a clear status and never half-way through the tunnel.
 pub const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
-/// Streams the agent serves at once on one channel.
-pub const H2_MAX_STREAMS: u32 = 10_000;
+/// Default for the streams the agent serves at once on one channel (its
+/// `--max-streams`): above the server's default cluster share, so the server's
+/// shares decide, and a bound on the agent's upstream connections whatever a
+/// server asks.
+pub const H2_MAX_STREAMS: u32 = 512;
 /// Reset streams the server side keeps track of on one channel.
 pub const H2_MAX_RESET_STREAMS: usize = 1024;
 
@@ -51,19 +55,23 @@ pub fn wants_caller_credential(headers: &http::HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes() == CREDENTIAL_CALLER.as_bytes())
 }
 
-/// The server side's HTTP/2 client settings for one channel.
-pub fn h2_client() -> hyper::client::conn::http2::Builder<TokioExecutor> {
+/// The server side's HTTP/2 client settings for one channel, receiving
+/// responses into a connection window of `conn_window` bytes: the server makes
+/// it larger than all the stream windows its cluster share allows, so no
+/// number of stalled streams can use it up.
+pub fn h2_client(conn_window: u32) -> hyper::client::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
-        .initial_connection_window_size(H2_CONN_WINDOW)
+        .initial_connection_window_size(conn_window.max(H2_STREAM_WINDOW))
         .max_frame_size(H2_MAX_FRAME)
         .max_concurrent_reset_streams(H2_MAX_RESET_STREAMS);
     b
 }
 
-/// The agent's HTTP/2 server settings for one channel.
-pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+/// The agent's HTTP/2 server settings for one channel, serving at most
+/// `max_streams` streams at once.
+pub fn h2_server(max_streams: u32) -> hyper::server::conn::http2::Builder<TokioExecutor> {
     let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     b.timer(TokioTimer::new())
         .enable_connect_protocol()
@@ -71,7 +79,7 @@ pub fn h2_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
         .initial_connection_window_size(H2_CONN_WINDOW)
         .max_frame_size(H2_MAX_FRAME)
         .max_header_list_size(H2_MAX_HEADER_LIST)
-        .max_concurrent_streams(H2_MAX_STREAMS);
+        .max_concurrent_streams(max_streams.max(1));
     b
 }
 

@@ -20,7 +20,7 @@ use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower_agent::{AgentState, TokenSource, UpstreamConfig};
 use tower_proto::names::UPSTREAM_KS_APISERVER;
@@ -150,13 +150,7 @@ async fn response_head<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> String {
         .to_string()
 }
 
-/// A TCP connection to `to` from the loopback address `from` (127.0.0.0/8 is
-/// all local on Linux, so each address is a distinct source to the server).
-async fn connect_from(from: [u8; 4], to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = TcpSocket::new_v4()?;
-    socket.bind(SocketAddr::from((from, 0)))?;
-    socket.connect(to).await
-}
+use tower_tests::fixture::raw::connect_from;
 
 // === gateway: handshake floods ===
 

@@ -210,3 +210,360 @@ async fn a_session_channel_flooded_by_an_agent_is_closed_and_exec_is_refused() {
     .await;
     assert_eq!(answer, Ok(true), "exec got no failure answer");
 }
+
+// === fair shares: attacks 2 and 3 ===
+
+/// Streams a client opens and never reads in the share tests: each would
+/// fill its whole tunnel stream window.
+const UNREAD: &str = "/bytes?n=16777216";
+
+/// A `tower-server` process with `env`, the byte upstream, and a real
+/// `tower-agent` process for each of `clusters` (with `agent_args`), each
+/// answering through the gateway.
+struct SharesBed {
+    server: ServerProcess,
+    agents: Vec<tower_tests::testbed::Process>,
+    _upstream: tower_tests::fixture::HttpsUpstream,
+    _dir: tempfile::TempDir,
+}
+
+impl SharesBed {
+    async fn start(env: &[(&str, &str)], clusters: &[&str], agent_args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ServerProcess::start_env(
+            &dir.path().join("state"),
+            &dir.path().join("server.log"),
+            tower_tests::fixture::ProcessSettings::Test,
+            env,
+        )
+        .await
+        .unwrap();
+        let upstream = tower_tests::fixture::HttpsUpstream::bytes(dir.path())
+            .await
+            .unwrap();
+        let mut agents = Vec::new();
+        for cluster in clusters {
+            let token_file = dir.path().join(format!("{cluster}.token"));
+            std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
+            agents.push(
+                tower_tests::fixture::spawn_agent_for(
+                    &token_file,
+                    &upstream.url,
+                    &upstream.ca_file,
+                    &dir.path().join(format!("agent-{cluster}.log")),
+                    agent_args,
+                )
+                .unwrap(),
+            );
+            let waited = tower_tests::fixture::http::until_ok(
+                server.gateway_addr,
+                server.ca_pem(),
+                &server.identity(cluster).unwrap(),
+                &format!("/clusters/{cluster}/version"),
+                Duration::from_secs(30),
+            )
+            .await;
+            assert!(waited < Duration::from_secs(30), "{cluster} never answered");
+        }
+        Self {
+            server,
+            agents,
+            _upstream: upstream,
+            _dir: dir,
+        }
+    }
+
+    /// An HTTP/2 connection to the gateway from loopback address `from`
+    /// with the client certificate of `cluster`.
+    async fn client(&self, from: [u8; 4], cluster: &str) -> H2 {
+        tower_tests::fixture::gateway_h2_from(
+            from,
+            self.server.gateway_addr,
+            self.server.ca_pem(),
+            &self.server.identity(cluster).unwrap(),
+        )
+        .await
+        .unwrap()
+    }
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// Sends `n` GETs of `path` on `client` at once; returns the responses
+/// (heads only: nothing is read) in the order they were sent.
+async fn open_unread(
+    client: &H2,
+    path: &str,
+    n: usize,
+) -> Vec<hyper::Response<hyper::body::Incoming>> {
+    let sends: Vec<_> = (0..n)
+        .map(|_| {
+            let mut c = client.clone();
+            let req = tower_tests::fixture::http::get_h2(path);
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(20), c.send_request(req))
+                    .await
+                    .expect("a response head within 20 s")
+                    .expect("a response")
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for s in sends {
+        out.push(s.await.unwrap());
+    }
+    out
+}
+
+/// How many of `responses` have status `code`.
+fn count(responses: &[hyper::Response<hyper::body::Incoming>], code: u16) -> usize {
+    responses
+        .iter()
+        .filter(|r| r.status().as_u16() == code)
+        .count()
+}
+
+/// GETs `path` on `client` and reads the whole body within `limit`;
+/// returns the status and the body's length.
+async fn fetch(client: &H2, path: &str, limit: Duration) -> Result<(u16, usize), String> {
+    use http_body_util::BodyExt;
+    let mut c = client.clone();
+    let req = tower_tests::fixture::http::get_h2(path);
+    tokio::time::timeout(limit, async move {
+        let resp = c.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok((status, body.to_bytes().len()))
+    })
+    .await
+    .unwrap_or_else(|_| Err(format!("no whole answer within {limit:?}")))
+}
+
+/// Small-GET latencies (ms, sorted) of `n` sequential requests.
+async fn small_gets(client: &H2, path: &str, n: usize) -> Vec<f64> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let started = Instant::now();
+        let (status, _) = fetch(client, path, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(status, 200);
+        out.push(started.elapsed().as_secs_f64() * 1e3);
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+fn p(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len()) - 1]
+}
+
+/// Attack 2 of the hostile-peers issue: one client opens 300 streams for
+/// large responses and reads none. It gets its share (64) and `429` for the
+/// rest; another client of the same cluster still gets whole responses,
+/// large ones included, and the server holds a bounded amount.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_reads_nothing_stalls_only_itself() {
+    let bed = SharesBed::start(&[], &["rohan"], &[]).await;
+    let victim = bed.client([127, 0, 0, 2], "rohan").await;
+    let before = small_gets(&victim, "/clusters/rohan/version", 100).await;
+    let (fds0, rss0) = baseline(&bed.server).await;
+
+    let attacker = bed.client([127, 0, 0, 1], "rohan").await;
+    let mut held = open_unread(&attacker, &format!("/clusters/rohan{UNREAD}"), 300).await;
+    let (admitted, refused) = (count(&held, 200), count(&held, 429));
+    tokio::time::sleep(Duration::from_secs(1)).await; // every window fills
+    let rss_held = bed.server.rss_kib().unwrap();
+    eprintln!(
+        "attack 2: {admitted} streams admitted, {refused} refused; server rss {} -> {} MiB, fds {fds0} -> {}",
+        rss0 >> 10,
+        rss_held >> 10,
+        bed.server.fds()
+    );
+    assert_eq!(
+        (admitted, refused),
+        (64, 236),
+        "a client gets its share and 429 past it"
+    );
+    let refusal = held.swap_remove(held.iter().position(|r| r.status() == 429).unwrap());
+    assert_eq!(refusal.headers()["retry-after"], "1");
+    let body = http_body_util::BodyExt::collect(refusal.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    tower_tests::fixture::http::assert_status(&body, 429, "TooManyRequests");
+    assert!(
+        String::from_utf8_lossy(&body).contains("--client-streams"),
+        "the refusal names its knob: {}",
+        String::from_utf8_lossy(&body)
+    );
+
+    // The same cluster still answers another client in full, large
+    // responses too: the tunnel's connection window is not used up.
+    for _ in 0..3 {
+        assert_eq!(
+            fetch(
+                &victim,
+                "/clusters/rohan/bytes?n=8388608",
+                Duration::from_secs(20)
+            )
+            .await,
+            Ok((200, 8 << 20))
+        );
+    }
+    let during = small_gets(&victim, "/clusters/rohan/version", 100).await;
+    eprintln!(
+        "attack 2: other client's small GET p50 {:.2} -> {:.2} ms, p99 {:.2} -> {:.2} ms",
+        p(&before, 0.5),
+        p(&during, 0.5),
+        p(&before, 0.99),
+        p(&during, 0.99)
+    );
+    let rss_peak = bed.server.rss_kib().unwrap();
+    assert!(
+        rss_peak < rss0 + 128 * 1024,
+        "the server holds {} MiB for one client's share",
+        (rss_peak - rss0) >> 10
+    );
+    drop(held);
+    drop(attacker);
+    // Its share given back, the client is served again.
+    let again = bed.client([127, 0, 0, 1], "rohan").await;
+    assert_eq!(
+        fetch(&again, "/clusters/rohan/version", Duration::from_secs(10))
+            .await
+            .map(|r| r.0),
+        Ok(200)
+    );
+}
+
+/// The cluster's share: four clients from four addresses, 40 unread streams
+/// each against a share of 32 per client and 96 per cluster. The cluster
+/// takes 96, the rest and any newcomer get `429` naming the cluster's share,
+/// and another cluster's clients see nothing of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_s_share_bounds_all_its_clients_and_spares_other_clusters() {
+    let bed = SharesBed::start(
+        &[
+            ("TOWER_CLIENT_STREAMS", "32"),
+            ("TOWER_CLUSTER_STREAMS", "96"),
+        ],
+        &["rohan", "gondor"],
+        &[],
+    )
+    .await;
+    let (_, rss0) = baseline(&bed.server).await;
+    let mut held = Vec::new();
+    let mut attackers = Vec::new();
+    for source in 2..=5u8 {
+        let attacker = bed.client([127, 0, 0, source], "rohan").await;
+        held.extend(open_unread(&attacker, &format!("/clusters/rohan{UNREAD}"), 40).await);
+        attackers.push(attacker);
+    }
+    assert_eq!((count(&held, 200), count(&held, 429)), (96, 64));
+    let newcomer = bed.client([127, 0, 0, 9], "rohan").await;
+    let mut c = newcomer.clone();
+    let refused = c
+        .send_request(tower_tests::fixture::http::get_h2(
+            "/clusters/rohan/version",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    let body = http_body_util::BodyExt::collect(refused.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("--cluster-streams"),
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let other = bed.client([127, 0, 0, 9], "gondor").await;
+    for _ in 0..3 {
+        assert_eq!(
+            fetch(
+                &other,
+                "/clusters/gondor/bytes?n=8388608",
+                Duration::from_secs(20)
+            )
+            .await,
+            Ok((200, 8 << 20))
+        );
+    }
+    let rss = bed.server.rss_kib().unwrap();
+    eprintln!(
+        "cluster share: 96 unread streams held; server rss {} -> {} MiB",
+        rss0 >> 10,
+        rss >> 10
+    );
+    assert!(rss < rss0 + 160 * 1024, "{} MiB held", (rss - rss0) >> 10);
+    drop(held);
+}
+
+/// Attack 3 of the hostile-peers issue: 1,000 slow requests on one gateway
+/// connection. The client's share (64) reaches the agent, the rest get
+/// `429` at once, and the agent holds one upstream connection per admitted
+/// request, not per request sent. With the server's shares raised past the
+/// agent's `--max-streams`, the agent's own bound holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_reach_the_agent_only_as_far_as_the_shares() {
+    let bed = SharesBed::start(&[], &["rohan"], &[]).await;
+    let agent_fds = || tower_tests::fixture::fd_count(Some(bed.agents[0].pid()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds0 = agent_fds();
+    let client = bed.client([127, 0, 0, 1], "rohan").await;
+    let (answered, held) = open_slow(&client, 1000).await;
+    let (fds, refused) = (agent_fds(), answered.iter().filter(|s| **s == 429).count());
+    eprintln!("attack 3: 1000 slow requests, {refused} refused; agent fds {fds0} -> {fds}");
+    assert_eq!(refused, 1000 - 64);
+    assert!(fds <= fds0 + 64 + 4, "the agent holds {} fds", fds - fds0);
+    drop(held);
+    drop(client);
+
+    let bed = SharesBed::start(
+        &[
+            ("TOWER_CLIENT_STREAMS", "400"),
+            ("TOWER_CLUSTER_STREAMS", "400"),
+        ],
+        &["rohan"],
+        &["--max-streams", "50"],
+    )
+    .await;
+    let agent_fds = || tower_tests::fixture::fd_count(Some(bed.agents[0].pid()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let fds0 = agent_fds();
+    let client = bed.client([127, 0, 0, 1], "rohan").await;
+    let (_, _held) = open_slow(&client, 300).await;
+    let fds = agent_fds();
+    eprintln!("agent --max-streams 50: 300 slow requests; agent fds {fds0} -> {fds}");
+    assert!(fds <= fds0 + 50 + 4, "the agent holds {} fds", fds - fds0);
+}
+
+/// Sends `n` slow requests (a watch the upstream never answers) on `client`
+/// and waits 3 s; returns the statuses answered by then and the requests,
+/// which stay in flight until the set is dropped.
+async fn open_slow(client: &H2, n: usize) -> (Vec<u16>, tokio::task::JoinSet<()>) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let mut c = client.clone();
+        let tx = tx.clone();
+        let req = tower_tests::fixture::http::get_h2("/clusters/rohan/hang?watch=true");
+        set.spawn(async move {
+            if let Ok(resp) = c.send_request(req).await {
+                let _ = tx.send(resp.status().as_u16());
+                // Held open: a response head alone does not end the request.
+                std::future::pending::<()>().await;
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut answered = Vec::new();
+    while let Ok(status) = rx.try_recv() {
+        answered.push(status);
+    }
+    (answered, set)
+}

@@ -87,6 +87,10 @@ pub struct AgentConfig {
     /// How long a request that is not a watch or an upgrade may wait for its
     /// upstream's response head before the client gets a `504` Status.
     pub upstream_timeout: Duration,
+    /// Streams (requests) the agent serves at once on one tunnel channel; one
+    /// upstream connection at most for each, so this bounds what a server can
+    /// make the agent open.
+    pub max_streams: u32,
 }
 
 impl AgentConfig {
@@ -100,6 +104,7 @@ impl AgentConfig {
             backoff_max: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(5),
             upstream_timeout: upstream::DEFAULT_RESPONSE_TIMEOUT,
+            max_streams: tunnel::H2_MAX_STREAMS,
         }
     }
 }
@@ -339,6 +344,7 @@ impl Agent {
             upstreams: self.upstreams.clone(),
             metrics: self.metrics.clone(),
             drain: drain.clone(),
+            max_streams: self.config.max_streams,
         };
         let connect = client::connect_stream(config, tcp, handler);
         let mut handle = match tokio::time::timeout(Duration::from_secs(15), connect).await {
@@ -448,6 +454,7 @@ struct AgentHandler {
     upstreams: Arc<HashMap<String, Arc<Upstream>>>,
     metrics: metrics::AgentMetrics,
     drain: Drain,
+    max_streams: u32,
 }
 
 /// A session's channels, so that a shutdown can let them finish.
@@ -613,6 +620,7 @@ impl client::Handler for AgentHandler {
             upstream,
             self.metrics.clone(),
             self.drain.clone(),
+            self.max_streams,
         ));
         Ok(())
     }
@@ -660,6 +668,7 @@ async fn serve_channel(
     upstream: Arc<Upstream>,
     metrics: metrics::AgentMetrics,
     drain: Drain,
+    max_streams: u32,
 ) {
     let io = TokioIo::new(channel.into_stream());
     metrics.channels.inc();
@@ -679,7 +688,7 @@ async fn serve_channel(
             Ok::<_, std::convert::Infallible>(drain.end_watch_on_drain(long_running, resp))
         }
     });
-    let conn = tunnel::h2_server().serve_connection(io, service);
+    let conn = tunnel::h2_server(max_streams).serve_connection(io, service);
     tokio::pin!(conn);
     let result = tokio::select! {
         r = conn.as_mut() => r,

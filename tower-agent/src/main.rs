@@ -56,6 +56,10 @@ struct Args {
     /// upstream's response head, in seconds; then the client gets a 504 Status.
     #[arg(long, env = "TOWER_UPSTREAM_TIMEOUT", default_value_t = 120.0)]
     upstream_timeout: f64,
+    /// Requests served at once on one tunnel channel (one upstream connection
+    /// at most for each); the server queues any more until one ends.
+    #[arg(long, env = "TOWER_MAX_STREAMS", default_value_t = tower_proto::tunnel::H2_MAX_STREAMS)]
+    max_streams: u32,
 }
 
 #[tokio::main]
@@ -89,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
     config.backoff_max = Duration::from_secs_f64(args.backoff_max);
     config.drain_timeout = Duration::from_secs_f64(args.drain_timeout);
     config.upstream_timeout = Duration::from_secs_f64(args.upstream_timeout);
+    config.max_streams = args.max_streams;
     let agent = std::sync::Arc::new(Agent::new(config)?);
     let shutdown = tower_ops::shutdown_on_signal();
     if !args.ops_listen.is_empty() {

@@ -46,6 +46,16 @@ pub struct ServerConfig {
     pub gateway_client_bound_to_cluster: bool,
     /// Address the per-cluster listeners of KubeSphere mode bind.
     pub cluster_listen_host: IpAddr,
+    /// Share of one client (a client certificate, or none, from one source
+    /// address) on one cluster: requests in flight through the tunnel,
+    /// watches and upgraded streams included. Past it: `429`.
+    pub client_streams: usize,
+    /// Share of one cluster: requests in flight through its tunnel from all
+    /// clients (at most [`MAX_CLUSTER_STREAMS`](crate::gateway::MAX_CLUSTER_STREAMS)).
+    /// Each may hold one stream window (1 MiB) of response its client has not
+    /// read, so this bounds the memory one cluster's clients can make the
+    /// server hold.
+    pub cluster_streams: usize,
 }
 
 impl ServerConfig {
@@ -67,6 +77,8 @@ impl ServerConfig {
             gateway_header_read_timeout: Duration::from_secs(30),
             gateway_client_bound_to_cluster: true,
             cluster_listen_host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            client_streams: crate::gateway::DEFAULT_CLIENT_STREAMS,
+            cluster_streams: crate::gateway::DEFAULT_CLUSTER_STREAMS,
         }
     }
 }

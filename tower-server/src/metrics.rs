@@ -1,6 +1,6 @@
 //! Prometheus metrics of the server: sessions, tunnel channels, bytes through
-//! the tunnel, channel-open (dial) latency, authentication failures and gateway
-//! responses.
+//! the tunnel, channel-open (dial) latency, authentication failures, gateway
+//! responses and requests refused for their share.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -21,6 +21,12 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ShareLabel {
+    /// Which share was used up: `client` or `cluster`.
+    pub share: &'static str,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     pub sessions: Gauge,
@@ -30,6 +36,7 @@ pub struct Metrics {
     pub auth_failures: Counter,
     pub responses: Family<CodeLabel, Counter>,
     pub cluster_write_refusals: Counter,
+    pub share_refusals: Family<ShareLabel, Counter>,
 }
 
 impl Metrics {
@@ -44,6 +51,7 @@ impl Metrics {
             auth_failures: Counter::default(),
             responses: Family::default(),
             cluster_write_refusals: Counter::default(),
+            share_refusals: Family::default(),
         };
         tower_ops::register_metrics!(registry, "tower_server",
             "sessions": m.sessions => "Agent sessions connected",
@@ -52,7 +60,8 @@ impl Metrics {
             "channel_open_seconds": m.channel_open_seconds => "Time to open a tunnel channel to an agent (dial latency)",
             "auth_failures": m.auth_failures => "Refused agent authentications",
             "gateway_responses": m.responses => "Gateway responses by status class",
-            "cluster_write_refusals": m.cluster_write_refusals => "Cluster updates refused by an admission webhook (KubeSphere refuses them while the member is unreachable)");
+            "cluster_write_refusals": m.cluster_write_refusals => "Cluster updates refused by an admission webhook (KubeSphere refuses them while the member is unreachable)",
+            "share_refusals": m.share_refusals => "Requests refused with 429 because their client's or cluster's share of the tunnel was used up");
         m
     }
 

@@ -26,6 +26,8 @@ pub(crate) struct Shared {
     pub(crate) gateway_tls: Arc<rustls::ServerConfig>,
     /// The per-cluster listeners of KubeSphere mode.
     pub(crate) cluster_listeners: gateway::ClusterListeners,
+    /// Requests in flight through each cluster's tunnel, per client.
+    pub(crate) shares: gateway::Shares,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) prometheus: std::sync::Mutex<Option<prometheus_client::registry::Registry>>,
     pub(crate) running: AtomicBool,
@@ -69,6 +71,19 @@ impl Server {
             &serving,
             gateway::ClientCert::Required,
         )?);
+        anyhow::ensure!(
+            (1..=gateway::MAX_CLUSTER_STREAMS).contains(&config.cluster_streams),
+            "--cluster-streams must be 1 to {}, got {}",
+            gateway::MAX_CLUSTER_STREAMS,
+            config.cluster_streams
+        );
+        anyhow::ensure!(
+            (1..=config.cluster_streams).contains(&config.client_streams),
+            "--client-streams must be 1 to --cluster-streams ({}), got {}",
+            config.cluster_streams,
+            config.client_streams
+        );
+        let shares = gateway::Shares::new(config.client_streams, config.cluster_streams);
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
         Ok(Self {
@@ -81,6 +96,7 @@ impl Server {
                 limiter: Default::default(),
                 gateway_tls,
                 cluster_listeners: Default::default(),
+                shares,
                 metrics,
                 prometheus: std::sync::Mutex::new(Some(prometheus)),
                 running: Default::default(),

@@ -77,6 +77,17 @@ struct Args {
     /// KubeSphere mode: the address the per-cluster listeners bind.
     #[arg(long, env = "TOWER_KUBESPHERE_LISTEN_HOST", default_value = "0.0.0.0")]
     kubesphere_listen_host: std::net::IpAddr,
+    /// Requests one client (a client certificate, or none, from one address)
+    /// may have in flight to one cluster, watches and exec/port-forward
+    /// streams included; past it the client gets 429 with Retry-After.
+    #[arg(long, env = "TOWER_CLIENT_STREAMS", default_value_t = tower_server::gateway::DEFAULT_CLIENT_STREAMS)]
+    client_streams: usize,
+    /// Requests all clients together may have in flight to one cluster (at
+    /// most 2047). Each may hold up to 1 MiB of response its client has not
+    /// read, so this bounds what one cluster's clients can make the server
+    /// hold; past it clients get 429 with Retry-After.
+    #[arg(long, env = "TOWER_CLUSTER_STREAMS", default_value_t = tower_server::gateway::DEFAULT_CLUSTER_STREAMS)]
+    cluster_streams: usize,
     /// Print the bound ports on stdout (`ssh=… gateway=…`), for scripts binding port 0.
     #[arg(long, env = "TOWER_PRINT_PORTS", hide = true)]
     print_ports: bool,
@@ -93,6 +104,8 @@ async fn main() -> anyhow::Result<()> {
     config.keepalive_max = args.keepalive_max;
     config.gateway_client_bound_to_cluster = !args.gateway_any_cluster;
     config.cluster_listen_host = args.kubesphere_listen_host;
+    config.client_streams = args.client_streams;
+    config.cluster_streams = args.cluster_streams;
     let ssh = tokio::net::TcpListener::bind(&args.ssh_listen)
         .await
         .with_context(|| format!("binding SSH listener {}", args.ssh_listen))?;

@@ -16,17 +16,19 @@ use tower_proto::tunnel::{CREDENTIAL_CALLER, CREDENTIAL_HEADER, upgrade_protocol
 
 use super::Entry;
 use super::identity::{Credential, kube_listener_credential, refuse_other_cluster};
+use super::shares::{ClientKey, Holding};
 use crate::server::Shared;
 use crate::tunnel::ForwardError;
 
-/// Answers one request that came through `entry` from `client` (its
-/// certificate's CN).
+/// Answers one request that came through `entry` from `who` (its
+/// certificate's CN, if any, and its address).
 pub(super) async fn handle(
     shared: Arc<Shared>,
     entry: &Entry,
-    client: Option<&str>,
+    who: &ClientKey,
     req: Request<Incoming>,
 ) -> Response<Body> {
+    let client = who.certificate.as_deref();
     let bound = shared.config.gateway_client_bound_to_cluster;
     let member_path = || {
         req.uri()
@@ -103,6 +105,22 @@ pub(super) async fn handle(
             ),
         );
     }
+    // Its place in the client's and the cluster's share of the tunnel, held
+    // until the response body ends or the upgraded stream closes.
+    let share = match shared.shares.take(&route.cluster, who.clone()) {
+        Ok(share) => share,
+        Err(exhausted) => {
+            shared
+                .metrics
+                .share_refusals
+                .get_or_create(&crate::metrics::ShareLabel {
+                    share: exhausted.share(),
+                })
+                .inc();
+            tracing::debug!(cluster = %route.cluster, source = %who.source, share = exhausted.share(), "share used up");
+            return exhausted.response(&route.cluster);
+        }
+    };
     let upgrade = upgrade_protocol(req.headers());
     let (parts, body) = req.into_parts();
     let mut out = Request::builder()
@@ -131,7 +149,7 @@ pub(super) async fn handle(
 
     let Some(protocol) = upgrade else {
         return match session.send(route.upstream, out).await {
-            Ok(resp) => finish(resp),
+            Ok(resp) => Holding::wrap(finish(resp), share),
             Err(e) => forward_error(e),
         };
     };
@@ -140,7 +158,7 @@ pub(super) async fn handle(
     let client_upgrade = hyper::upgrade::on(&mut inbound);
     let mut resp = match session.send_upgrade(route.upstream, out, &protocol).await {
         Ok(Ok(switched)) => switched,
-        Ok(Err(refused)) => return finish(refused),
+        Ok(Err(refused)) => return Holding::wrap(finish(refused), share),
         Err(e) => return forward_error(e),
     };
     let tunnel_upgrade = hyper::upgrade::on(&mut resp);
@@ -154,6 +172,7 @@ pub(super) async fn handle(
     let cluster = route.cluster.clone();
     let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
+        let _share = share;
         let (client, tunnel) = match tokio::join!(client_upgrade, tunnel_upgrade) {
             (Ok(c), Ok(t)) => (c, t),
             (c, t) => {

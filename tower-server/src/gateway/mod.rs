@@ -9,11 +9,14 @@
 //! - [`forward`]: one request's way through routing and the cluster's
 //!   session, upgrades included (the session decides how they cross the
 //!   tunnel, see [`tower_proto::tunnel`]).
+//! - [`shares`]: how many requests one client, and one cluster, may have in
+//!   flight through the tunnel.
 //! - [`clusters`]: the per-cluster listeners of KubeSphere mode.
 
 mod clusters;
 mod forward;
 mod identity;
+mod shares;
 mod tls;
 
 use std::net::SocketAddr;
@@ -35,6 +38,10 @@ use crate::server::Shared;
 pub(crate) use clusters::ClusterListeners;
 pub use clusters::ClusterPorts;
 pub use identity::CLIENT_CN_PREFIX;
+pub(crate) use shares::Shares;
+pub use shares::{
+    DEFAULT_CLIENT_STREAMS, DEFAULT_CLUSTER_STREAMS, MAX_CLUSTER_STREAMS, tunnel_conn_window,
+};
 pub(crate) use tls::{ClientCert, config as tls_config};
 
 /// Longest request target (path and query) that can reach the gateway: the
@@ -174,12 +181,16 @@ async fn serve_http<I>(
         .initial_stream_window_size(tunnel::H2_STREAM_WINDOW)
         .initial_connection_window_size(tunnel::H2_CONN_WINDOW)
         .max_concurrent_streams(2000);
+    let client = shares::ClientKey {
+        certificate: client,
+        source: peer.ip(),
+    };
     let service = service_fn(move |req| {
         let shared = shared.clone();
         let client = client.clone();
         let entry = entry.clone();
         async move {
-            let resp = forward::handle(shared.clone(), &entry, client.as_deref(), req).await;
+            let resp = forward::handle(shared.clone(), &entry, &client, req).await;
             shared.metrics.response(resp.status().as_u16());
             Ok::<_, std::convert::Infallible>(resp)
         }

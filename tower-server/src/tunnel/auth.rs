@@ -204,6 +204,7 @@ impl Handler for Connection {
             self.peer,
             session.handle(),
             self.shared.tasks.clone(),
+            crate::gateway::tunnel_conn_window(self.shared.config.cluster_streams),
         ));
         if let Some(old) = self.shared.registry.insert(s.clone()) {
             tracing::info!(%cluster, "a new agent connection replaces the previous one");

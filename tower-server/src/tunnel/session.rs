@@ -66,6 +66,9 @@ pub struct Session {
     pub(super) registry_changed: std::sync::OnceLock<tokio::sync::watch::Sender<u64>>,
     /// The server's tasks, which shutdown waits for.
     tasks: TaskTracker,
+    /// Receive window of each HTTP/2 connection to the agent, sized from the
+    /// cluster share (`gateway::shares::tunnel_conn_window`).
+    conn_window: u32,
 }
 
 #[derive(Default)]
@@ -93,6 +96,7 @@ impl Session {
         peer: Option<SocketAddr>,
         handle: russh::server::Handle,
         tasks: TaskTracker,
+        conn_window: u32,
     ) -> Self {
         Self {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -108,6 +112,7 @@ impl Session {
             metrics: std::sync::OnceLock::new(),
             registry_changed: std::sync::OnceLock::new(),
             tasks,
+            conn_window,
         }
     }
 
@@ -315,7 +320,7 @@ impl Session {
             senders.remove(upstream);
         }
         let io = self.open_channel(upstream).await?;
-        let (mut sender, conn) = tunnel::h2_client()
+        let (mut sender, conn) = tunnel::h2_client(self.conn_window)
             .handshake(io)
             .await
             .map_err(|e| self.http_error(e))?;
