@@ -382,6 +382,19 @@ async fn a_client_that_reads_nothing_stalls_only_itself() {
         rss_held >> 10,
         bed.server.fds()
     );
+    // The same cluster still answers another client in full, large
+    // responses too: the tunnel's connection window is not used up.
+    for _ in 0..3 {
+        assert_eq!(
+            fetch(
+                &victim,
+                "/clusters/rohan/bytes?n=8388608",
+                Duration::from_secs(20)
+            )
+            .await,
+            Ok((200, 8 << 20))
+        );
+    }
     assert_eq!(
         (admitted, refused),
         (64, 236),
@@ -400,19 +413,6 @@ async fn a_client_that_reads_nothing_stalls_only_itself() {
         String::from_utf8_lossy(&body)
     );
 
-    // The same cluster still answers another client in full, large
-    // responses too: the tunnel's connection window is not used up.
-    for _ in 0..3 {
-        assert_eq!(
-            fetch(
-                &victim,
-                "/clusters/rohan/bytes?n=8388608",
-                Duration::from_secs(20)
-            )
-            .await,
-            Ok((200, 8 << 20))
-        );
-    }
     let during = small_gets(&victim, "/clusters/rohan/version", 100).await;
     eprintln!(
         "attack 2: other client's small GET p50 {:.2} -> {:.2} ms, p99 {:.2} -> {:.2} ms",
