@@ -27,6 +27,10 @@ pub const H2_MAX_FRAME: u32 = 64 * 1024;
 /// limit (256 KiB), so that oversized requests are refused at the gateway with
 /// a clear status and never half-way through the tunnel.
 pub const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
+/// Response head the server accepts from an agent: the gateway's own limit on
+/// a request head (256 KiB). A larger one resets that stream (the client gets
+/// `502`); HTTP/2 bounds the CONTINUATION frames of an endless one.
+pub const H2_MAX_RESPONSE_HEADER_LIST: u32 = 256 * 1024;
 /// Default for the streams the agent serves at once on one channel (its
 /// `--max-streams`): above the server's default cluster share, so the server's
 /// shares decide, and a bound on the agent's upstream connections whatever a
@@ -64,6 +68,7 @@ pub fn h2_client(conn_window: u32) -> hyper::client::conn::http2::Builder<TokioE
     b.timer(TokioTimer::new())
         .initial_stream_window_size(H2_STREAM_WINDOW)
         .initial_connection_window_size(conn_window.max(H2_STREAM_WINDOW))
+        .max_header_list_size(H2_MAX_RESPONSE_HEADER_LIST)
         .max_frame_size(H2_MAX_FRAME)
         .max_concurrent_reset_streams(H2_MAX_RESET_STREAMS);
     b

@@ -567,3 +567,131 @@ async fn open_slow(client: &H2, n: usize) -> (Vec<u16>, tokio::task::JoinSet<()>
     }
     (answered, set)
 }
+
+// === a malicious agent ===
+
+/// A malicious agent with a valid token answers with a 1 MiB and a 64 MiB
+/// response head, bodies that never end to a client that reads none, and
+/// asks for 2,000 channels. Each client gets a `502` Status or its own
+/// stalled stream, the cluster keeps answering, and the server holds a
+/// bounded amount throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malicious_agent_cannot_exhaust_the_server() {
+    use tower_tests::fixture::http::{assert_status, until_ok};
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProcess::start(&dir.path().join("state"), &dir.path().join("server.log"))
+        .await
+        .unwrap();
+    let token = server.mint("mordor", None).unwrap();
+    let rogue = tower_tests::fixture::rogue::RogueAgent::connect(&token)
+        .await
+        .unwrap();
+    let id = server.identity("mordor").unwrap();
+    let limit = Duration::from_secs(20);
+    let ok = until_ok(
+        server.gateway_addr,
+        server.ca_pem(),
+        &id,
+        "/clusters/mordor/version",
+        limit,
+    );
+    assert!(ok.await < limit, "the rogue's cluster never answered");
+    // An honest cluster beside it.
+    let upstream = tower_tests::fixture::HttpsUpstream::bytes(dir.path())
+        .await
+        .unwrap();
+    let gondor = server.mint("gondor", None).unwrap();
+    let _agent = tower_tests::fixture::TowerAgent::start_with(
+        tower_agent::TokenSource::Literal(gondor.encode()),
+        vec![upstream.upstream("kube-apiserver", None)],
+    )
+    .unwrap();
+    let gondor_id = server.identity("gondor").unwrap();
+    let ok = until_ok(
+        server.gateway_addr,
+        server.ca_pem(),
+        &gondor_id,
+        "/clusters/gondor/version",
+        limit,
+    );
+    assert!(ok.await < limit, "the honest cluster never answered");
+    let honest = tower_tests::fixture::gateway_h2(server.gateway_addr, server.ca_pem(), &gondor_id)
+        .await
+        .unwrap();
+    let (fds0, rss0) = baseline(&server).await;
+    let client = tower_tests::fixture::gateway_h2(server.gateway_addr, server.ca_pem(), &id)
+        .await
+        .unwrap();
+    let get = |path: &'static str| {
+        let mut c = client.clone();
+        async move {
+            let resp = tokio::time::timeout(
+                Duration::from_secs(20),
+                c.send_request(tower_tests::fixture::http::get_h2(path)),
+            )
+            .await
+            .expect("an answer within 20 s")
+            .unwrap();
+            let status = resp.status().as_u16();
+            let body = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (status, body)
+        }
+    };
+
+    for path in [
+        "/clusters/mordor/huge-headers",
+        "/clusters/mordor/endless-headers",
+    ] {
+        let (status, body) = get(path).await;
+        assert_status(&body, status, "InternalError");
+        assert_eq!(status, 502, "{path}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(get("/clusters/mordor/version").await.0, 200, "after {path}");
+    }
+    let rss_heads = server.rss_kib().unwrap();
+
+    let granted = rogue.ask_for_channels(2000).await;
+    assert_eq!(granted, 0, "channels granted to an agent");
+    assert_eq!(
+        get("/clusters/mordor/version").await.0,
+        200,
+        "after 2,000 channel requests"
+    );
+    let rss_channels = server.rss_kib().unwrap();
+
+    // Bodies that never end, to a client that reads none: each holds its
+    // stream window, and an honest cluster on the same server answers in
+    // full meanwhile.
+    let unread = open_unread(&client, "/clusters/mordor/endless-body", 32).await;
+    assert_eq!(count(&unread, 200), 32);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for _ in 0..3 {
+        assert_eq!(
+            fetch(
+                &honest,
+                "/clusters/gondor/bytes?n=8388608",
+                Duration::from_secs(20)
+            )
+            .await,
+            Ok((200, 8 << 20))
+        );
+    }
+    let (fds, rss) = (server.fds(), server.rss_kib().unwrap());
+    eprintln!(
+        "malicious agent: server rss {} MiB; after huge heads {}, after 2,000 channel requests {}, after 32 endless bodies {}; fds {fds0} -> {fds}",
+        rss0 >> 10,
+        rss_heads >> 10,
+        rss_channels >> 10,
+        rss >> 10
+    );
+    assert!(
+        rss_heads < rss0 + 16 * 1024,
+        "{} MiB after huge heads",
+        (rss_heads - rss0) >> 10
+    );
+    assert!(rss < rss0 + 80 * 1024, "{} MiB held", (rss - rss0) >> 10);
+    assert!(fds <= fds0 + 2, "fds {fds0} -> {fds}");
+    drop(unread);
+}
