@@ -1814,10 +1814,16 @@ async fn readme_takeover_of_the_go_tower() {
     let host_key =
         cms.get("tower-server").await.unwrap().data.unwrap()["hostKeyFingerprint"].clone();
     let script = format!(
-        "{}\nprintf '%s' \"$JOIN_TOKEN\"",
+        "{}\ncat \"$CLUSTER.join-token\"",
         readme_block("join-token")
     );
     let token = run_script(dir.path(), kubeconfig, &script);
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let file = dir.path().join("member1.join-token");
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the token file is its owner's alone");
+    }
     let token = JoinToken::parse(&token).unwrap_or_else(|e| panic!("{e}: {token}"));
     assert_eq!(
         token.claims.servers,
@@ -1901,12 +1907,11 @@ async fn readme_takeover_of_the_go_tower() {
         .run_kubectl(&["apply", "-f", "-"], Some(GO_AGENT))
         .await
         .unwrap();
-    let join_token = token.encode();
     run_script_with(
         dir.path(),
         env.member.admin_kubeconfig(),
         &readme_block("member"),
-        &[("JOIN_TOKEN", &join_token)],
+        &[("CLUSTER", "member1")],
     );
     let deployments = env
         .member
@@ -1927,7 +1932,7 @@ async fn readme_takeover_of_the_go_tower() {
     let stored = base64::engine::general_purpose::STANDARD
         .decode(stored["data"]["joinToken"].as_str().unwrap())
         .unwrap();
-    assert_eq!(String::from_utf8(stored).unwrap(), join_token);
+    assert_eq!(String::from_utf8(stored).unwrap(), token.encode());
 
     // 5. Roll back.
     run_script(dir.path(), kubeconfig, &readme_block("rollback"));

@@ -53,6 +53,7 @@ fn towerctl(env: &Env, args: &[&str]) -> (bool, String, String) {
             .arg(env.host.admin_kubeconfig())
             .args(args)
             .env_remove("TOWER_STATE_DIR")
+            .current_dir(env.dir.path())
             .output()
             .unwrap();
     (
@@ -77,7 +78,11 @@ async fn join(env: &Env, name: &str) -> (Client, Process) {
     let client = env.host.client().await.unwrap();
     let (ok, out, err) = towerctl(env, &["join", name]);
     assert!(ok, "{err}");
-    let agent = spawn_agent(env, &join_token_from_helm_line(&out), name);
+    let agent = spawn_agent(
+        env,
+        &join_token_from_install_line(env.dir.path(), &out),
+        name,
+    );
     wait_available(&client, name, "True", Duration::from_secs(20)).await;
     (client, agent)
 }
@@ -127,12 +132,20 @@ fn spawn_agent(env: &Env, token: &str, tag: &str) -> Process {
     .unwrap()
 }
 
-fn join_token_from_helm_line(line: &str) -> String {
-    line.split("joinToken=")
-        .nth(1)
-        .expect("helm line carries joinToken")
-        .trim()
-        .to_string()
+/// The join token an install line reads from its file (`--set-file
+/// joinToken=<file>`, relative to `dir`); the file is its owner's alone.
+fn join_token_from_install_line(dir: &Path, line: &str) -> String {
+    use std::os::unix::fs::PermissionsExt as _;
+    assert!(!line.contains("--set joinToken"), "a token inline: {line}");
+    let file = dir.join(
+        line.split("--set-file joinToken=")
+            .nth(1)
+            .expect("the install line reads joinToken from a file")
+            .trim(),
+    );
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} has mode {mode:o}", file.display());
+    std::fs::read_to_string(file).unwrap()
 }
 
 /// Writes `Cluster.spec.connection.kubeconfig` to a file; returns its path.
@@ -159,7 +172,7 @@ async fn whole_lifecycle_join_kill_return_revoke() {
         out.starts_with("helm upgrade --install tower-agent"),
         "{out}"
     );
-    let token = join_token_from_helm_line(&out);
+    let token = join_token_from_install_line(env.dir.path(), &out);
     // The controller writes the kubeconfig and a False condition before any agent.
     let c = wait_available(&client, "rivendell", "False", Duration::from_secs(15)).await;
     assert_eq!(
@@ -451,7 +464,11 @@ async fn direct_and_proxy_clusters_behave_the_same() {
     // A proxy Cluster for the same member, joined with towerctl.
     let (ok, out, err) = towerctl(env, &["join", "proxy-member"]);
     assert!(ok, "{err}");
-    let _agent = spawn_agent(env, &join_token_from_helm_line(&out), "proxy-member");
+    let _agent = spawn_agent(
+        env,
+        &join_token_from_install_line(env.dir.path(), &out),
+        "proxy-member",
+    );
     let proxy = wait_available(&client, "proxy-member", "True", Duration::from_secs(20)).await;
     let direct = cluster(&client, "direct-member").await.unwrap();
 
@@ -590,8 +607,9 @@ async fn kubeconfig_certificates_renew_without_reconnects() {
         std::process::Command::new(fixture::workspace_bin("tower-server", "towerctl").unwrap())
             .arg("--kubeconfig")
             .arg(host.admin_kubeconfig())
-            .args(["join", "edoras"])
+            .args(["join", "edoras", "--output", "edoras.token"])
             .env_remove("TOWER_STATE_DIR")
+            .current_dir(env.dir.path())
             .output()
             .unwrap();
     assert!(
@@ -599,7 +617,7 @@ async fn kubeconfig_certificates_renew_without_reconnects() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let token = join_token_from_helm_line(&String::from_utf8_lossy(&out.stdout));
+    let token = join_token_from_install_line(env.dir.path(), &String::from_utf8_lossy(&out.stdout));
     let _agent = spawn_agent(env, &token, "edoras");
     let first = wait_available(&client, "edoras", "True", Duration::from_secs(20)).await;
     let kubeconfig = |c: &Cluster| {

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use russh::client;
 use russh::keys::PublicKeyOrCertificate;
 use tower_tests::fixture::ServerProcess;
+use tower_tests::fixture::http::{H2Client, fetch, open_unread};
 
 /// An SSH client that accepts any host key: the attacker's.
 struct Attacker;
@@ -275,7 +276,7 @@ impl SharesBed {
 
     /// An HTTP/2 connection to the gateway from loopback address `from`
     /// with the client certificate of `cluster`.
-    async fn client(&self, from: [u8; 4], cluster: &str) -> H2 {
+    async fn client(&self, from: [u8; 4], cluster: &str) -> H2Client {
         tower_tests::fixture::gateway_h2_from(
             from,
             self.server.gateway_addr,
@@ -287,34 +288,6 @@ impl SharesBed {
     }
 }
 
-type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
-
-/// Sends `n` GETs of `path` on `client` at once; returns the responses
-/// (heads only: nothing is read) in the order they were sent.
-async fn open_unread(
-    client: &H2,
-    path: &str,
-    n: usize,
-) -> Vec<hyper::Response<hyper::body::Incoming>> {
-    let sends: Vec<_> = (0..n)
-        .map(|_| {
-            let mut c = client.clone();
-            let req = tower_tests::fixture::http::get_h2(path);
-            tokio::spawn(async move {
-                tokio::time::timeout(Duration::from_secs(20), c.send_request(req))
-                    .await
-                    .expect("a response head within 20 s")
-                    .expect("a response")
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for s in sends {
-        out.push(s.await.unwrap());
-    }
-    out
-}
-
 /// How many of `responses` have status `code`.
 fn count(responses: &[hyper::Response<hyper::body::Incoming>], code: u16) -> usize {
     responses
@@ -323,28 +296,8 @@ fn count(responses: &[hyper::Response<hyper::body::Incoming>], code: u16) -> usi
         .count()
 }
 
-/// GETs `path` on `client` and reads the whole body within `limit`;
-/// returns the status and the body's length.
-async fn fetch(client: &H2, path: &str, limit: Duration) -> Result<(u16, usize), String> {
-    use http_body_util::BodyExt;
-    let mut c = client.clone();
-    let req = tower_tests::fixture::http::get_h2(path);
-    tokio::time::timeout(limit, async move {
-        let resp = c.send_request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok((status, body.to_bytes().len()))
-    })
-    .await
-    .unwrap_or_else(|_| Err(format!("no whole answer within {limit:?}")))
-}
-
 /// Small-GET latencies (ms, sorted) of `n` sequential requests.
-async fn small_gets(client: &H2, path: &str, n: usize) -> Vec<f64> {
+async fn small_gets(client: &H2Client, path: &str, n: usize) -> Vec<f64> {
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let started = Instant::now();
@@ -545,7 +498,7 @@ async fn slow_requests_reach_the_agent_only_as_far_as_the_shares() {
 /// Sends `n` slow requests (a watch the upstream never answers) on `client`
 /// and waits 3 s; returns the statuses answered by then and the requests,
 /// which stay in flight until the set is dropped.
-async fn open_slow(client: &H2, n: usize) -> (Vec<u16>, tokio::task::JoinSet<()>) {
+async fn open_slow(client: &H2Client, n: usize) -> (Vec<u16>, tokio::task::JoinSet<()>) {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let mut set = tokio::task::JoinSet::new();
     for _ in 0..n {
@@ -570,7 +523,7 @@ async fn open_slow(client: &H2, n: usize) -> (Vec<u16>, tokio::task::JoinSet<()>
 
 // === a malicious agent ===
 
-/// A malicious agent with a valid token answers with a 1 MiB and a 64 MiB
+/// A malicious agent with a valid token answers with a 1 MiB and a 16 MiB
 /// response head, bodies that never end to a client that reads none, and
 /// asks for 2,000 channels. Each client gets a `502` Status or its own
 /// stalled stream, the cluster keeps answering, and the server holds a

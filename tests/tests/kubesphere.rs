@@ -294,6 +294,7 @@ async fn set_up_listeners_and_identity_by_credential() {
             .arg("--kubeconfig")
             .arg(env.host.admin_kubeconfig())
             .args(["join", "minas"])
+            .current_dir(env.dir.path())
             .output()
             .unwrap();
     assert!(

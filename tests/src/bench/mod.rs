@@ -9,7 +9,9 @@
 //! - N concurrent watches: event-delivery latency p50/p99 and a count of lost events;
 //! - pure tunnel capacity against a fast in-process HTTPS upstream, versus raw loopback TCP;
 //! - resident memory of a separate `tower-server` process per idle agent;
-//! - reconnect time of N agents after that server process restarts.
+//! - reconnect time of N agents after that server process restarts;
+//! - another client's small-GET latency while one client holds its full share
+//!   of unread streams, and the server process's memory meanwhile.
 //!
 //! Clients are raw hyper HTTP/2 clients over rustls, built the same way for both
 //! paths; only the endpoint differs. Direct requests carry the agent's own
@@ -24,6 +26,7 @@ mod env;
 mod idle;
 mod latency;
 mod report;
+mod share;
 mod throughput;
 mod watch;
 
@@ -58,16 +61,18 @@ pub enum Figure {
     Tunnel,
     Memory,
     Reconnect,
+    Share,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 6] = [
+    pub const ALL: [Figure; 7] = [
         Figure::Get,
         Figure::List,
         Figure::Watch,
         Figure::Tunnel,
         Figure::Memory,
         Figure::Reconnect,
+        Figure::Share,
     ];
 
     pub fn parse(s: &str) -> Option<Figure> {
@@ -78,6 +83,7 @@ impl Figure {
             "tunnel" => Figure::Tunnel,
             "memory" => Figure::Memory,
             "reconnect" => Figure::Reconnect,
+            "share" => Figure::Share,
             _ => return None,
         })
     }
@@ -115,6 +121,9 @@ pub struct Size {
     pub idle_agents: Vec<usize>,
     /// Agents that reconnect after the server restarts.
     pub reconnect_agents: usize,
+    /// Small GETs per round, and rounds, quiet and beside a full share.
+    pub share_gets: usize,
+    pub share_rounds: usize,
 }
 
 impl Size {
@@ -138,6 +147,8 @@ impl Size {
             bulk_rounds: 3,
             idle_agents: vec![1, 100, 1000],
             reconnect_agents: 100,
+            share_gets: 500,
+            share_rounds: 4,
         }
     }
 
@@ -161,6 +172,8 @@ impl Size {
             bulk_rounds: 1,
             idle_agents: vec![1, 5],
             reconnect_agents: 5,
+            share_gets: 20,
+            share_rounds: 1,
         }
     }
 }
@@ -181,6 +194,7 @@ pub async fn run(size: &Size, figures: &[Figure]) -> anyhow::Result<Report> {
             Figure::List => throughput::large_list(&env, size, &mut report).await?,
             Figure::Watch => watch::watches(&env, size, &mut report).await?,
             Figure::Tunnel => throughput::tunnel_capacity(&env, size, &mut report).await?,
+            Figure::Share => share::beside_a_full_share(size, &mut report).await?,
             Figure::Memory | Figure::Reconnect => {}
         }
         if !matches!(fig, Figure::Memory | Figure::Reconnect) {

@@ -48,19 +48,28 @@ struct Args {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Create a proxy Cluster, its Agent and token, and print the install command for the member.
+    /// Create a proxy Cluster, its Agent and token; write the join token to a
+    /// file (mode 0600) and print the install command for the member, which
+    /// reads the token from that file.
     Join {
         /// The member cluster's name (a DNS label).
         cluster: String,
+        /// Where to write the join token (mode 0600); default `<cluster>.join-token`.
+        #[arg(long, short = 'o', env = "TOWER_OUTPUT")]
+        output: Option<PathBuf>,
         /// Helm chart reference to print in the install command.
         #[arg(long, env = "TOWER_AGENT_CHART", default_value = "charts/tower-agent")]
         chart: String,
     },
     /// Show every cluster: type, connected, agent version, RTT, since.
     Status,
-    /// Print the kubeconfig that reaches a cluster through the gateway.
+    /// Print the kubeconfig that reaches a cluster through the gateway (or
+    /// write it to a file, mode 0600).
     Kubeconfig {
         cluster: String,
+        /// Write the kubeconfig here (mode 0600) instead of printing it.
+        #[arg(long, short = 'o', env = "TOWER_OUTPUT")]
+        output: Option<PathBuf>,
         /// Standalone mode: gateway URL clients use.
         #[arg(
             long,
@@ -85,6 +94,9 @@ enum Command {
         /// Token lifetime, e.g. 24h, 30m, 7d; none means it never expires.
         #[arg(long, env = "TOWER_TOKEN_TTL")]
         ttl: Option<String>,
+        /// Write the token here (mode 0600) instead of printing it.
+        #[arg(long, short = 'o', env = "TOWER_OUTPUT")]
+        output: Option<PathBuf>,
     },
     /// Standalone mode: list tokens (ids and state; never secrets).
     Tokens,
@@ -93,6 +105,37 @@ enum Command {
         #[arg(long)]
         output_dir: Option<PathBuf>,
     },
+}
+
+/// Writes `contents` to `path` readable by its owner only (mode 0600, also
+/// when the file already existed with a wider mode).
+fn write_secret(path: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {} to its owner", path.display()))?;
+    file.write_all(contents)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Writes `contents` to `output` (mode 0600) or, without one, to stdout.
+fn emit(output: Option<&std::path::Path>, what: &str, contents: &str) -> anyhow::Result<()> {
+    match output {
+        Some(path) => {
+            write_secret(path, contents.as_bytes())?;
+            eprintln!("wrote {what} to {} (mode 0600)", path.display());
+        }
+        None => print!("{contents}"),
+    }
+    Ok(())
 }
 
 fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
@@ -156,12 +199,17 @@ fn standalone(dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             cluster,
             server,
             ttl,
+            output,
         } => {
             check_name(&cluster)?;
             let host_key = tower_certs::HostKey::load_or_create(&dir.join(HOST_KEY_FILE))?;
             let ttl = ttl.as_deref().map(parse_ttl).transpose()?;
             let token = store()?.mint(&cluster, server, host_key.fingerprint(), ttl)?;
-            println!("{}", token.encode());
+            emit(
+                output.as_deref(),
+                "the join token",
+                &format!("{}\n", token.encode()),
+            )?;
             eprintln!(
                 "join token for cluster {cluster} (id {}); give it to the agent, e.g. as TOWER_JOIN_TOKEN",
                 token.claims.id
@@ -187,18 +235,17 @@ fn standalone(dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
         Command::Kubeconfig {
             cluster,
             gateway_url,
+            output,
         } => {
             check_name(&cluster)?;
             let ca = tower_certs::Ca::load_or_create(dir, "tower-ca")?;
-            print!(
-                "{}",
-                kubeconfig::render(
-                    &ca,
-                    &gateway_url,
-                    &cluster,
-                    &kubeconfig::default_identity(&cluster)
-                )?
-            );
+            let rendered = kubeconfig::render(
+                &ca,
+                &gateway_url,
+                &cluster,
+                &kubeconfig::default_identity(&cluster),
+            )?;
+            emit(output.as_deref(), "the kubeconfig", &rendered)?;
         }
         Command::Join { .. } | Command::Status => {
             anyhow::bail!("join and status work against the host cluster; drop --state-dir")
@@ -233,7 +280,11 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
     let clusters: Api<Cluster> = Api::all(client.clone());
     let agents: Api<Agent> = Api::all(client.clone());
     match &args.command {
-        Command::Join { cluster, chart } => {
+        Command::Join {
+            cluster,
+            chart,
+            output,
+        } => {
             check_name(cluster)?;
             let info: Api<ConfigMap> = Api::namespaced(client.clone(), &args.namespace);
             let info = info
@@ -308,13 +359,20 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                 },
                 secret: Secret::new(token),
             };
+            let output = output
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(format!("{cluster}.join-token")));
+            write_secret(&output, join.encode().as_bytes())?;
             eprintln!(
-                "cluster {cluster} joined as a proxy cluster; install the agent in the member cluster with:"
+                "cluster {cluster} joined as a proxy cluster; its join token is in {} (mode 0600). \
+                 Install the agent in the member cluster with:",
+                output.display()
             );
+            // The token travels in the file, never on a command line.
             println!(
                 "helm upgrade --install tower-agent {chart} --namespace kubesphere-system --create-namespace \
-                 --set joinToken={}",
-                join.encode()
+                 --set-file joinToken={}",
+                output.display()
             );
         }
         Command::Status => {
@@ -355,7 +413,9 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                 println!("{name:<24} {kind:<8} {connected:<10} {version:<14} {rtt:<8} {since}");
             }
         }
-        Command::Kubeconfig { cluster, .. } => {
+        Command::Kubeconfig {
+            cluster, output, ..
+        } => {
             let c = clusters
                 .get_opt(cluster)
                 .await?
@@ -367,7 +427,11 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                 .with_context(|| {
                     format!("cluster {cluster} has no kubeconfig yet; is tower-server running?")
                 })?;
-            print!("{}", String::from_utf8_lossy(&kc.0));
+            emit(
+                output.as_deref(),
+                "the kubeconfig",
+                &String::from_utf8_lossy(&kc.0),
+            )?;
         }
         Command::Revoke { cluster } => {
             let c = clusters
