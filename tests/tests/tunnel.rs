@@ -917,9 +917,27 @@ async fn towerctl_mints_lists_and_revokes() {
         )
     };
     let server_addr = env.server.ssh_addr.to_string();
-    let (ok, token, err) = run(&["token", "mirkwood", "--server", &server_addr, "--ttl", "1h"]);
+    let token_file = dir.path().join("token");
+    let (ok, out, err) = run(&[
+        "token",
+        "mirkwood",
+        "--server",
+        &server_addr,
+        "--ttl",
+        "1h",
+        "--output",
+        token_file.to_str().unwrap(),
+    ]);
     assert!(ok, "{err}");
+    // Written to its file, its owner's alone, and nowhere else.
+    let owner_only = |file: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(file).unwrap().permissions().mode() & 0o777 == 0o600
+    };
+    assert!(owner_only(&token_file), "the token file is not 0600");
+    let token = std::fs::read_to_string(&token_file).unwrap();
     let parsed = tower_proto::JoinToken::parse(&token).unwrap();
+    assert!(!out.contains(parsed.secret.expose()), "secret on stdout");
     assert_eq!(
         parsed.claims.host_key,
         env.server.server.host_key_fingerprint()
@@ -931,18 +949,27 @@ async fn towerctl_mints_lists_and_revokes() {
         "{list}"
     );
     assert!(!list.contains(parsed.secret.expose()), "secret listed");
-    let (ok, kubeconfig, err) = run(&[
+    // An existing, world-readable file is narrowed to 0600 before it is written.
+    let kubeconfig_file = dir.path().join("kubeconfig");
+    std::fs::write(&kubeconfig_file, "").unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&kubeconfig_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    let (ok, out, err) = run(&[
         "kubeconfig",
         "mirkwood",
         "--gateway-url",
         &env.server.gateway_url(),
+        "-o",
+        kubeconfig_file.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
-    let kubeconfig_file = dir.path().join("kubeconfig");
-    std::fs::write(&kubeconfig_file, kubeconfig).unwrap();
-
-    let token_file = dir.path().join("token");
-    std::fs::write(&token_file, &token).unwrap();
+    assert!(out.is_empty(), "the kubeconfig also went to stdout");
+    assert!(
+        owner_only(&kubeconfig_file),
+        "the kubeconfig file is not 0600"
+    );
     let _agent = env
         .on_member()
         .agent_process(&token_file, &dir.path().join("agent.log"))
