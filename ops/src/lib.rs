@@ -37,14 +37,43 @@ macro_rules! register_metrics {
     }};
 }
 
-/// Logs to stderr at the level `RUST_LOG` asks for (`info` by default), as
-/// every Tower binary does.
-pub fn init_logging() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+/// How a binary writes its log lines (`--log-format`, `TOWER_LOG_FORMAT`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One line of text per event, coloured only when stderr is a terminal
+    /// (never in a file or a pod's log).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?}; use text or json")),
+        }
+    }
+}
+
+/// Logs to stderr in `format`, at the level `RUST_LOG` asks for
+/// (`default_level` otherwise), as every Tower binary does; stdout stays for
+/// what a binary prints on purpose (ports, tokens, tables).
+pub fn init_logging(format: LogFormat, default_level: &str) {
+    use std::io::IsTerminal as _;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| default_level.into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
 }
 
 /// A token cancelled on SIGINT or SIGTERM: how every Tower binary learns to

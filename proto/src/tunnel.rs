@@ -32,10 +32,10 @@ pub const H2_MAX_HEADER_LIST: u32 = 1024 * 1024;
 /// `502`); HTTP/2 bounds the CONTINUATION frames of an endless one.
 pub const H2_MAX_RESPONSE_HEADER_LIST: u32 = 256 * 1024;
 /// Default for the streams the agent serves at once on one channel (its
-/// `--max-streams`): above the server's default cluster share, so the server's
+/// `--max-streams`): the server's default cluster share, so the server's
 /// shares decide, and a bound on the agent's upstream connections whatever a
 /// server asks.
-pub const H2_MAX_STREAMS: u32 = 512;
+pub const H2_MAX_STREAMS: u32 = 1024;
 /// Reset streams the server side keeps track of on one channel.
 pub const H2_MAX_RESET_STREAMS: usize = 1024;
 

@@ -88,9 +88,12 @@ async fn a_stalled_watch_does_not_block_other_requests() {
         ca,
         id,
         ..
-    } = Tunnel::start(dir.path(), "gondor", upstreams)
-        .await
-        .unwrap();
+    } = Tunnel::start_configured(dir.path(), "gondor", upstreams, |c| {
+        // 200 concurrent GETs from one client: more than its default share.
+        c.client_streams = 256;
+    })
+    .await
+    .unwrap();
     let kubeconfig = server.kubeconfig_file("gondor").unwrap();
     kubectl(&kubeconfig, &["create", "namespace", "hol"], None)
         .await

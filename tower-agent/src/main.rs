@@ -60,12 +60,15 @@ struct Args {
     /// at most for each); the server queues any more until one ends.
     #[arg(long, env = "TOWER_MAX_STREAMS", default_value_t = tower_proto::tunnel::H2_MAX_STREAMS)]
     max_streams: u32,
+    /// Log lines as `text` (coloured only on a terminal) or `json`.
+    #[arg(long, env = "TOWER_LOG_FORMAT", default_value = "text")]
+    log_format: tower_ops::LogFormat,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tower_ops::init_logging();
     let args = Args::parse();
+    tower_ops::init_logging(args.log_format, "info");
     let token = match (args.token_file, args.token) {
         (Some(f), _) => TokenSource::File(f),
         (None, Some(t)) => TokenSource::Literal(t),

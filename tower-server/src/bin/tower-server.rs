@@ -88,6 +88,9 @@ struct Args {
     /// hold; past it clients get 429 with Retry-After.
     #[arg(long, env = "TOWER_CLUSTER_STREAMS", default_value_t = tower_server::gateway::DEFAULT_CLUSTER_STREAMS)]
     cluster_streams: usize,
+    /// Log lines as `text` (coloured only on a terminal) or `json`.
+    #[arg(long, env = "TOWER_LOG_FORMAT", default_value = "text")]
+    log_format: tower_ops::LogFormat,
     /// Print the bound ports on stdout (`ssh=… gateway=…`), for scripts binding port 0.
     #[arg(long, env = "TOWER_PRINT_PORTS", hide = true)]
     print_ports: bool,
@@ -95,8 +98,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tower_ops::init_logging();
     let args = Args::parse();
+    tower_ops::init_logging(args.log_format, "info");
     let _ = rustls::crypto::ring::default_provider().install_default();
     let mut config = ServerConfig::new(&args.state_dir, &args.gateway_url);
     config.gateway_hosts = args.gateway_hosts;

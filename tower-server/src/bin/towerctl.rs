@@ -30,6 +30,9 @@ struct Args {
     /// Path to the host cluster's kubeconfig (default: $KUBECONFIG or ~/.kube/config).
     #[arg(long, global = true, env = "KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
+    /// Log lines (on stderr, warnings by default) as `text` or `json`.
+    #[arg(long, global = true, env = "TOWER_LOG_FORMAT", default_value = "text")]
+    log_format: tower_ops::LogFormat,
     /// Kubeconfig context to use.
     #[arg(long, global = true, env = "TOWER_CONTEXT")]
     context: Option<String>,
@@ -165,6 +168,15 @@ fn check_name(cluster: &str) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let args = Args::parse();
+    tower_ops::init_logging(args.log_format, "warn");
+    tracing::debug!(
+        mode = if args.state_dir.is_some() {
+            "standalone"
+        } else {
+            "kubernetes"
+        },
+        "towerctl starting"
+    );
     if let Command::Crds { output_dir } = &args.command {
         return crds(output_dir.as_deref());
     }

@@ -107,7 +107,11 @@ pub(super) async fn handle(
     }
     // Its place in the client's and the cluster's share of the tunnel, held
     // until the response body ends or the upgraded stream closes.
-    let share = match shared.shares.take(&route.cluster, who.clone()) {
+    let key = match credential {
+        Credential::Agent => who.clone(),
+        Credential::Caller => who.with_credential(req.headers().get(header::AUTHORIZATION)),
+    };
+    let share = match shared.shares.take(&route.cluster, key) {
         Ok(share) => share,
         Err(exhausted) => {
             shared

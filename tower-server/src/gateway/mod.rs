@@ -184,6 +184,7 @@ async fn serve_http<I>(
     let client = shares::ClientKey {
         certificate: client,
         source: peer.ip(),
+        credential: None,
     };
     let service = service_fn(move |req| {
         let shared = shared.clone();

@@ -26,7 +26,9 @@ use tower_proto::tunnel::H2_STREAM_WINDOW;
 /// included).
 pub const DEFAULT_CLIENT_STREAMS: usize = 64;
 /// Default share of one cluster: requests in flight from all its clients.
-pub const DEFAULT_CLUSTER_STREAMS: usize = 256;
+/// KubeSphere's ks-apiserver carries every console user's watches to a member,
+/// so a cluster's clients together need room for many.
+pub const DEFAULT_CLUSTER_STREAMS: usize = 1024;
 /// Largest cluster share: the HTTP/2 connection window it implies
 /// ([`tunnel_conn_window`]) must stay below 2^31.
 pub const MAX_CLUSTER_STREAMS: usize = 2047;
@@ -42,11 +44,28 @@ pub fn tunnel_conn_window(cluster_streams: usize) -> u32 {
 }
 
 /// Who a share belongs to: a client certificate's name (or none) from one
-/// source address.
+/// source address, and for a request that carries its caller's own
+/// credential, that credential (kept only as a keyed hash): each user behind
+/// KubeSphere's ks-apiserver then has a share of their own.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(crate) struct ClientKey {
     pub(crate) certificate: Option<Arc<str>>,
     pub(crate) source: IpAddr,
+    pub(crate) credential: Option<u64>,
+}
+
+impl ClientKey {
+    /// This client presenting `authorization` as its own credential.
+    pub(crate) fn with_credential(&self, authorization: Option<&http::HeaderValue>) -> Self {
+        static KEY: std::sync::OnceLock<std::collections::hash_map::RandomState> =
+            std::sync::OnceLock::new();
+        use std::hash::BuildHasher as _;
+        Self {
+            credential: authorization
+                .map(|v| KEY.get_or_init(Default::default).hash_one(v.as_bytes())),
+            ..self.clone()
+        }
+    }
 }
 
 /// Which share a refused request ran out of.
@@ -214,7 +233,20 @@ mod tests {
         ClientKey {
             certificate: name.map(Arc::from),
             source: IpAddr::from(ip),
+            credential: None,
         }
+    }
+
+    #[test]
+    fn each_caller_credential_has_its_own_share() {
+        let shares = Shares::new(1, 3);
+        let proxy = client(None, [10, 0, 0, 9]);
+        let alice = proxy.with_credential(Some(&http::HeaderValue::from_static("Bearer a")));
+        let bob = proxy.with_credential(Some(&http::HeaderValue::from_static("Bearer b")));
+        let _a = shares.take("x", alice.clone()).unwrap();
+        assert_eq!(shares.take("x", alice).err(), Some(Exhausted::Client(1)));
+        let _b = shares.take("x", bob).unwrap();
+        let _p = shares.take("x", proxy.with_credential(None)).unwrap();
     }
 
     #[test]
