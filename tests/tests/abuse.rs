@@ -647,6 +647,16 @@ async fn a_client_certificate_is_bound_to_its_cluster_when_configured() {
         let (west, body) = get("/clusters/west/version").await;
         let (nowhere, _) = get("/clusters/nowhere/version").await;
         let (kapis, _) = get("/api/clusters/west/v1/namespaces").await;
+        // A path without a cluster: a bound certificate's own cluster; an
+        // unbound one names none, so it is not found.
+        let (plain, plain_body) = get("/version").await;
+        let plain_body = String::from_utf8_lossy(&plain_body).to_string();
+        if bound {
+            assert_eq!(plain, 200, "{plain_body}");
+            assert!(plain_body.contains("gitVersion"), "{plain_body}");
+        } else {
+            assert_eq!(plain, 404, "{plain_body}");
+        }
         if bound {
             for (s, what) in [
                 (west, "west"),

@@ -315,6 +315,24 @@ async fn routing_forms_and_errors() {
     );
     assert_eq!(info["authorization"], format!("Bearer {}", env.sa_token));
 
+    // No cluster in the path (kubectl 1.32 `get --raw`, plain `kubectl
+    // proxy`): the certificate's own cluster, paths as the member knows them.
+    let (s, b) = get("/version").await;
+    assert_eq!(s, 200, "{b:?}");
+    assert!(String::from_utf8_lossy(&b).contains("v1.35"));
+    let (s, b) = get("/api/v1/namespaces/default").await;
+    assert_eq!(s, 200, "{b:?}");
+    assert!(String::from_utf8_lossy(&b).contains("\"name\":\"default\""));
+    let (s, b) = get("/kapis/resources.kubesphere.io/v1alpha3/nodes?limit=1").await;
+    assert_eq!(s, 200, "{b:?}");
+    let info: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(
+        info["path"],
+        "/kapis/resources.kubesphere.io/v1alpha3/nodes?limit=1"
+    );
+    let (s, _) = get("/api/../version").await;
+    assert_eq!(s, 400, "traversal without a cluster");
+
     // Unknown cluster: 404 Status. Known but disconnected: 503 Status. (Each
     // asked with a certificate issued for that cluster: gondor's certificate
     // gets 403 for both, without learning which exists.)
@@ -347,6 +365,44 @@ async fn routing_forms_and_errors() {
         assert_eq!(s, 400, "{bad}: {}", String::from_utf8_lossy(&b));
         assert_status(&b, 400, "BadRequest");
     }
+}
+
+/// `kubectl proxy` without `--append-server-path` drops the kubeconfig
+/// server's `/clusters/<c>` path: the gateway serves the certificate's own
+/// cluster for such paths, so a plain `kubectl proxy` works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_kubectl_proxy_reaches_the_cluster() {
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let port = testbed::free_port();
+    let mut proxy = std::process::Command::new(testbed::kubectl_bin());
+    proxy
+        .arg(format!("--kubeconfig={}", env.kubeconfig.display()))
+        .args(["proxy", "--address=127.0.0.1", &format!("--port={port}")]);
+    let _proxy =
+        testbed::Process::spawn("kubectl-proxy", proxy, &dir.path().join("proxy.log")).unwrap();
+    let get = |path: &'static str| async move {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        let resp = sender.send_request(get_h1(path)).await?;
+        let status = resp.status().as_u16();
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await?
+            .to_bytes();
+        anyhow::Ok((status, String::from_utf8_lossy(&body).to_string()))
+    };
+    let up = fixture::eventually(Duration::from_secs(10), || async {
+        get("/version").await.ok()
+    })
+    .await;
+    let (status, body) = up.expect("kubectl proxy never answered");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("v1.35"), "{body}");
+    let (status, body) = get("/api/v1/namespaces/default").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"name\":\"default\""), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,11 +11,11 @@ use tower_proto::http::{
     Body, caller_request_headers_with_host, empty, request_headers, response_headers, status,
 };
 use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
-use tower_proto::route::{RouteError, route};
+use tower_proto::route::{ClusterRoute, RouteError, route};
 use tower_proto::tunnel::{CREDENTIAL_CALLER, CREDENTIAL_HEADER, upgrade_protocol};
 
 use super::Entry;
-use super::identity::{Credential, kube_listener_credential, refuse_other_cluster};
+use super::identity::{Credential, kube_listener_credential, own_cluster, refuse_other_cluster};
 use super::shares::{ClientKey, Holding};
 use crate::server::Shared;
 use crate::tunnel::ForwardError;
@@ -39,12 +39,26 @@ pub(super) async fn handle(
         Entry::Paths => {
             let route = match route(req.uri().path(), req.uri().query()) {
                 Ok(r) => r,
-                Err(RouteError::NotACluster) => {
-                    return status(
-                        StatusCode::NOT_FOUND,
-                        format!("{}: {}", req.uri().path(), RouteError::NotACluster),
-                    );
-                }
+                // No cluster in the path (kubectl 1.32 `get --raw`, plain
+                // `kubectl proxy`): a certificate bound to one cluster means
+                // that one, the path as the member knows it.
+                Err(RouteError::NotACluster) => match own_cluster(bound, client) {
+                    Some(cluster) => ClusterRoute {
+                        cluster: cluster.to_string(),
+                        upstream: if req.uri().path().starts_with("/kapis/") {
+                            UPSTREAM_KS_APISERVER
+                        } else {
+                            UPSTREAM_KUBE_APISERVER
+                        },
+                        path_and_query: member_path(),
+                    },
+                    None => {
+                        return status(
+                            StatusCode::NOT_FOUND,
+                            format!("{}: {}", req.uri().path(), RouteError::NotACluster),
+                        );
+                    }
+                },
                 Err(e) => return status(StatusCode::BAD_REQUEST, e.to_string()),
             };
             if let Some(refused) = refuse_other_cluster(bound, client, &route.cluster) {

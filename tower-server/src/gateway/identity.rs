@@ -31,6 +31,16 @@ pub(super) fn client_name(
 /// reaches only the cluster it was issued for (`CN=tower:<cluster>`, as every
 /// synthesized kubeconfig carries): anything else is 403, before the gateway
 /// says whether the other cluster exists.
+/// The one cluster a client certificate reaches when certificates are bound
+/// to their cluster (`CN=tower:<cluster>`): where a request whose path names
+/// no cluster goes.
+pub(super) fn own_cluster(bound: bool, client: Option<&str>) -> Option<&str> {
+    bound
+        .then(|| client?.strip_prefix(CLIENT_CN_PREFIX))
+        .flatten()
+        .filter(|c| tower_proto::names::is_valid_cluster_name(c))
+}
+
 pub(super) fn refuse_other_cluster(
     bound: bool,
     client: Option<&str>,
