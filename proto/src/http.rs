@@ -62,7 +62,9 @@ pub fn strip_hop_by_hop(headers: &HeaderMap) -> HeaderMap {
 
 /// Whether `name` (lower case, as `http` stores it) asks the apiserver to
 /// impersonate someone: `Impersonate-User`, `-Group`, `-Uid`, `-Extra-*`.
-/// Such headers never cross the tunnel (docs/security.md).
+/// Requests carry them to the member, whose RBAC judges them under the
+/// identity the request has there; responses never carry them
+/// (docs/security.md).
 pub fn is_impersonation(name: &str) -> bool {
     name.starts_with("impersonate-")
 }
@@ -80,12 +82,13 @@ pub fn strip_impersonation(headers: &mut HeaderMap) {
 }
 
 /// The headers of a request that cross the tunnel towards a member: no
-/// hop-by-hop headers, no impersonation, no caller credential (the agent
-/// adds its own) and no tunnel-internal header a caller could forge.
+/// hop-by-hop headers, no caller credential (the agent adds its own) and no
+/// tunnel-internal header a caller could forge. Impersonation (`kubectl
+/// --as`) is kept: the member decides whether the agent's identity may
+/// impersonate, as it would for a direct client with that identity.
 pub fn request_headers(headers: &HeaderMap) -> HeaderMap {
     let mut out = caller_request_headers(headers);
     out.remove(header::AUTHORIZATION);
-    strip_impersonation(&mut out);
     out
 }
 
@@ -185,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn request_headers_carry_no_credential_or_identity() {
+    fn request_headers_carry_no_credential_but_impersonation_for_the_member() {
         let h = headers(&[
             ("authorization", "Bearer x"),
             ("impersonate-user", "root"),
@@ -197,8 +200,10 @@ mod tests {
             ("host", "gw"),
         ]);
         let out = request_headers(&h);
-        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out.len(), 3, "{out:?}");
         assert!(out.contains_key(header::ACCEPT));
+        assert_eq!(out["impersonate-user"], "root");
+        assert_eq!(out["impersonate-group"], "system:masters");
     }
 
     #[test]
