@@ -18,6 +18,7 @@ fi
 
 step "test-bed binaries (cold: ~10 min on 2 cores; warm: a no-op)"
 tests/testbed/build.sh >/dev/null
+tests/testbed/build-kubectl-old.sh >/dev/null
 
 step "building the workspace"
 cargo build --workspace --all-targets --locked

@@ -367,15 +367,27 @@ async fn routing_forms_and_errors() {
     }
 }
 
-/// `kubectl proxy` without `--append-server-path` drops the kubeconfig
+/// kubectl 1.32's `get --raw` (kubernetes/kubectl#1676) and `kubectl proxy`
+/// without `--append-server-path` (1.32 and 1.35) drop the kubeconfig
 /// server's `/clusters/<c>` path: the gateway serves the certificate's own
-/// cluster for such paths, so a plain `kubectl proxy` works.
+/// cluster for such paths, so both work.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_plain_kubectl_proxy_reaches_the_cluster() {
+async fn old_kubectl_raw_and_a_plain_kubectl_proxy_reach_the_cluster() {
     let env = env();
+    let old = testbed::old_kubectl_bin();
+    let version = fixture::kubectl_at(&old, &env.kubeconfig, &["get", "--raw", "/version"], None)
+        .await
+        .unwrap();
+    assert!(version.contains("v1.35"), "{version}");
+    for bin in [old, testbed::kubectl_bin()] {
+        plain_kubectl_proxy(env, &bin).await;
+    }
+}
+
+async fn plain_kubectl_proxy(env: &Env, bin: &Path) {
     let dir = tempfile::tempdir().unwrap();
     let port = testbed::free_port();
-    let mut proxy = std::process::Command::new(testbed::kubectl_bin());
+    let mut proxy = std::process::Command::new(bin);
     proxy
         .arg(format!("--kubeconfig={}", env.kubeconfig.display()))
         .args(["proxy", "--address=127.0.0.1", &format!("--port={port}")]);
@@ -397,7 +409,7 @@ async fn a_plain_kubectl_proxy_reaches_the_cluster() {
         get("/version").await.ok()
     })
     .await;
-    let (status, body) = up.expect("kubectl proxy never answered");
+    let (status, body) = up.unwrap_or_else(|| panic!("{} proxy never answered", bin.display()));
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("v1.35"), "{body}");
     let (status, body) = get("/api/v1/namespaces/default").await.unwrap();

@@ -78,6 +78,37 @@ pub fn kubectl_bin() -> PathBuf {
     bin_dir().join("kubectl")
 }
 
+/// The older `kubectl` (v1.32) users still run, built once by
+/// `tests/testbed/build-kubectl-old.sh` into the test-bed cache.
+pub fn old_kubectl_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed/build-kubectl-old.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .output()
+            .unwrap_or_else(|e| panic!("test bed: cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "test bed: {} failed ({}); its progress is on stderr above",
+            script.display(),
+            out.status
+        );
+        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        assert!(
+            bin.exists(),
+            "test bed: {} reported {}, which is missing",
+            script.display(),
+            bin.display()
+        );
+        bin
+    })
+    .clone()
+}
+
 /// A free TCP port on 127.0.0.1.
 ///
 /// Never hands out the same port twice in one process, so parallel tests do not collide with
