@@ -5,23 +5,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use russh::client;
-use russh::keys::PublicKeyOrCertificate;
 use tower_tests::fixture::ServerProcess;
 use tower_tests::fixture::http::{H2Client, fetch, open_unread};
 
 /// An SSH client that accepts any host key: the attacker's.
-struct Attacker;
-
-impl client::Handler for Attacker {
-    type Error = russh::Error;
-
-    async fn check_server_key(
-        &mut self,
-        _key: &PublicKeyOrCertificate,
-    ) -> Result<bool, Self::Error> {
-        Ok(true)
-    }
-}
+use tower_tests::fixture::rogue::Rogue as Attacker;
 
 /// Connects to `server` as `cluster` with `credential`, opens a session
 /// channel and pushes data into it (no subsystem, nothing the server reads)

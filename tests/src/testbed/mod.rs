@@ -40,21 +40,7 @@ pub fn bin_dir() -> &'static Path {
         if let Some(dir) = std::env::var_os("TOWER_TESTBED_BIN").filter(|d| !d.is_empty()) {
             return PathBuf::from(dir);
         }
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed/build.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("test bed: cannot run {}: {e}", script.display()));
-        if !out.status.success() {
-            panic!(
-                "test bed: {} failed ({}); its progress is on stderr above",
-                script.display(),
-                out.status
-            );
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (script, stdout) = run_build_script("build.sh");
         let dir = stdout
             .lines()
             .rev()
@@ -73,6 +59,28 @@ pub fn bin_dir() -> &'static Path {
     })
 }
 
+/// Runs `tests/testbed/<name>` (its progress on stderr); returns the script's
+/// path and its stdout, or panics saying it failed.
+fn run_build_script(name: &str) -> (PathBuf, String) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/testbed")
+        .join(name);
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("test bed: cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "test bed: {} failed ({}); its progress is on stderr above",
+        script.display(),
+        out.status
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    (script, stdout)
+}
+
 /// `kubectl` v1.35 from [`bin_dir`].
 pub fn kubectl_bin() -> PathBuf {
     bin_dir().join("kubectl")
@@ -83,21 +91,8 @@ pub fn kubectl_bin() -> PathBuf {
 pub fn old_kubectl_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
-        let script =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/testbed/build-kubectl-old.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .stdin(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .output()
-            .unwrap_or_else(|e| panic!("test bed: cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "test bed: {} failed ({}); its progress is on stderr above",
-            script.display(),
-            out.status
-        );
-        let bin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        let (script, stdout) = run_build_script("build-kubectl-old.sh");
+        let bin = PathBuf::from(stdout.trim());
         assert!(
             bin.exists(),
             "test bed: {} reported {}, which is missing",
