@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use russh::client;
-use tower_tests::fixture::ServerProcess;
 use tower_tests::fixture::http::{H2Client, fetch, open_unread};
+use tower_tests::fixture::{ProcessBed, ServerProcess};
 
 /// An SSH client that accepts any host key: the attacker's.
 use tower_tests::fixture::rogue::Rogue as Attacker;
@@ -206,76 +206,6 @@ async fn a_session_channel_flooded_by_an_agent_is_closed_and_exec_is_refused() {
 /// fill its whole tunnel stream window.
 const UNREAD: &str = "/bytes?n=16777216";
 
-/// A `tower-server` process with `env`, the byte upstream, and a real
-/// `tower-agent` process for each of `clusters` (with `agent_args`), each
-/// answering through the gateway.
-struct SharesBed {
-    server: ServerProcess,
-    agents: Vec<tower_tests::testbed::Process>,
-    _upstream: tower_tests::fixture::HttpsUpstream,
-    _dir: tempfile::TempDir,
-}
-
-impl SharesBed {
-    async fn start(env: &[(&str, &str)], clusters: &[&str], agent_args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let server = ServerProcess::start_env(
-            &dir.path().join("state"),
-            &dir.path().join("server.log"),
-            tower_tests::fixture::ProcessSettings::Test,
-            env,
-        )
-        .await
-        .unwrap();
-        let upstream = tower_tests::fixture::HttpsUpstream::bytes(dir.path())
-            .await
-            .unwrap();
-        let mut agents = Vec::new();
-        for cluster in clusters {
-            let token_file = dir.path().join(format!("{cluster}.token"));
-            std::fs::write(&token_file, server.mint(cluster, None).unwrap().encode()).unwrap();
-            agents.push(
-                tower_tests::fixture::spawn_agent_for(
-                    &token_file,
-                    &upstream.url,
-                    &upstream.ca_file,
-                    &dir.path().join(format!("agent-{cluster}.log")),
-                    agent_args,
-                )
-                .unwrap(),
-            );
-            let waited = tower_tests::fixture::http::until_ok(
-                server.gateway_addr,
-                server.ca_pem(),
-                &server.identity(cluster).unwrap(),
-                &format!("/clusters/{cluster}/version"),
-                Duration::from_secs(30),
-            )
-            .await;
-            assert!(waited < Duration::from_secs(30), "{cluster} never answered");
-        }
-        Self {
-            server,
-            agents,
-            _upstream: upstream,
-            _dir: dir,
-        }
-    }
-
-    /// An HTTP/2 connection to the gateway from loopback address `from`
-    /// with the client certificate of `cluster`.
-    async fn client(&self, from: [u8; 4], cluster: &str) -> H2Client {
-        tower_tests::fixture::gateway_h2_from(
-            from,
-            self.server.gateway_addr,
-            self.server.ca_pem(),
-            &self.server.identity(cluster).unwrap(),
-        )
-        .await
-        .unwrap()
-    }
-}
-
 /// How many of `responses` have status `code`.
 fn count(responses: &[hyper::Response<hyper::body::Incoming>], code: u16) -> usize {
     responses
@@ -307,7 +237,7 @@ fn p(sorted: &[f64], q: f64) -> f64 {
 /// large ones included, and the server holds a bounded amount.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_reads_nothing_stalls_only_itself() {
-    let bed = SharesBed::start(&[], &["rohan"], &[]).await;
+    let bed = ProcessBed::start(&[], &["rohan"], &[]).await;
     let victim = bed.client([127, 0, 0, 2], "rohan").await;
     let before = small_gets(&victim, "/clusters/rohan/version", 100).await;
     let (fds0, rss0) = baseline(&bed.server).await;
@@ -386,7 +316,7 @@ async fn a_client_that_reads_nothing_stalls_only_itself() {
 /// and another cluster's clients see nothing of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_s_share_bounds_all_its_clients_and_spares_other_clusters() {
-    let bed = SharesBed::start(
+    let bed = ProcessBed::start(
         &[
             ("TOWER_CLIENT_STREAMS", "32"),
             ("TOWER_CLUSTER_STREAMS", "96"),
@@ -451,7 +381,7 @@ async fn a_cluster_s_share_bounds_all_its_clients_and_spares_other_clusters() {
 /// agent's `--max-streams`, the agent's own bound holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_requests_reach_the_agent_only_as_far_as_the_shares() {
-    let bed = SharesBed::start(&[], &["rohan"], &[]).await;
+    let bed = ProcessBed::start(&[], &["rohan"], &[]).await;
     let agent_fds = || tower_tests::fixture::fd_count(Some(bed.agents[0].pid()));
     tokio::time::sleep(Duration::from_millis(500)).await;
     let fds0 = agent_fds();
@@ -464,7 +394,7 @@ async fn slow_requests_reach_the_agent_only_as_far_as_the_shares() {
     drop(held);
     drop(client);
 
-    let bed = SharesBed::start(
+    let bed = ProcessBed::start(
         &[
             ("TOWER_CLIENT_STREAMS", "400"),
             ("TOWER_CLUSTER_STREAMS", "400"),

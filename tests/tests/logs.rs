@@ -4,47 +4,20 @@
 
 use std::time::Duration;
 
-use tower_tests::fixture::{
-    HttpsUpstream, ProcessSettings, ServerProcess, http::until_ok, spawn_agent_for, workspace_bin,
-};
+use tower_tests::fixture::{ProcessBed, workspace_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn log_files_hold_no_escape_sequences_and_json_logs_parse() {
     for format in ["text", "json"] {
-        let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("state");
-        let server_log = dir.path().join("server.log");
-        let server = ServerProcess::start_env(
-            &state,
-            &server_log,
-            ProcessSettings::Test,
+        let mut bed = ProcessBed::start(
             &[("TOWER_LOG_FORMAT", format)],
-        )
-        .await
-        .unwrap();
-        let upstream = HttpsUpstream::bytes(dir.path()).await.unwrap();
-        let token_file = dir.path().join("isen.token");
-        std::fs::write(&token_file, server.mint("isen", None).unwrap().encode()).unwrap();
-        let agent_log = dir.path().join("agent.log");
-        let mut agent = spawn_agent_for(
-            &token_file,
-            &upstream.url,
-            &upstream.ca_file,
-            &agent_log,
+            &["isen"],
             &["--log-format", format],
         )
-        .unwrap();
-        let limit = Duration::from_secs(30);
-        let id = server.identity("isen").unwrap();
-        let waited = until_ok(
-            server.gateway_addr,
-            server.ca_pem(),
-            &id,
-            "/clusters/isen/version",
-            limit,
-        );
-        assert!(waited.await < limit, "the agent never answered");
-        agent.terminate();
+        .await;
+        let (state, server_log) = (bed.dir().join("state"), bed.dir().join("server.log"));
+        let agent_log = bed.dir().join("agent-isen.log");
+        bed.agents[0].terminate();
         tokio::time::sleep(Duration::from_millis(500)).await;
         let towerctl =
             std::process::Command::new(workspace_bin("tower-server", "towerctl").unwrap())
