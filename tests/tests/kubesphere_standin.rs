@@ -633,6 +633,10 @@ async fn controller_writes_status_through_the_main_resource() {
     assert_eq!(last.status, 1, "{last:?}");
 
     // Nothing changed, yet the faithful controller writes again: timestamps only.
+    // Timestamps have whole seconds, so within the second of the last write
+    // the new ones are equal and the apiserver makes the update a no-op: wait
+    // for the next second, as the real controller's periodic resync would.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     let rv = get_cluster(&host, "ctl").await["metadata"]["resourceVersion"].clone();
     let outcome = controller.reconcile_now("ctl").await.unwrap();
     assert_eq!(outcome, SyncOutcome::Written { substantive: false });
