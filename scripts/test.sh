@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs Tower's whole test suite on a fresh machine: installs what the suite
 # needs (OpenSSH client), builds the test-bed binaries (etcd, kube-apiserver,
-# kubectl, helm) from the Go module proxy into a cache, then runs every test.
+# kubectl 1.35 and 1.32, helm, kwok) from the Go module proxy into a cache,
+# then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,6 +20,7 @@ fi
 step "test-bed binaries (cold: ~10 min on 2 cores; warm: a no-op)"
 tests/testbed/build.sh >/dev/null
 tests/testbed/build-kubectl-old.sh >/dev/null
+tests/testbed/build-kwok.sh >/dev/null
 
 step "building the workspace"
 cargo build --workspace --all-targets --locked

@@ -3,6 +3,8 @@
 //! - [`bin_dir`] builds (or reuses) the control-plane binaries with `tests/testbed/build.sh`.
 //! - [`Testbed`] owns a temporary directory and one etcd; [`Testbed::cluster`] starts a
 //!   [`ControlPlane`] (a kube-apiserver with its own CA, certificates and `--etcd-prefix`) on it.
+//! - [`FakeNode`] is a node of a cluster whose kubelet is kwok, for exec, logs, cp and
+//!   port-forward.
 //! - [`kubesphere`] is a KubeSphere 3.4 stand-in (dispatcher, member ks-apiserver, cluster
 //!   controller, webhook, kube-proxy) for tests of tower in KubeSphere mode.
 //! - [`Process`] is a child process that cannot outlive the test process: it is killed on
@@ -18,6 +20,7 @@
 mod bed;
 mod cluster;
 pub mod kubesphere;
+mod kwok;
 mod probe;
 mod process;
 
@@ -28,6 +31,7 @@ use std::sync::{Mutex, Once, OnceLock};
 
 pub use bed::Testbed;
 pub use cluster::{ControlPlane, SERVICE_ACCOUNT_ISSUER};
+pub use kwok::{FakeNode, kwok_dir};
 pub use process::Process;
 
 /// The directory holding `etcd`, `kube-apiserver` and `kubectl`.
