@@ -34,7 +34,13 @@ impl Env {
     pub async fn start(figures: &[Figure]) -> anyhow::Result<Env> {
         install_crypto_provider();
         let dir = tempfile::tempdir()?;
-        let server = TowerServer::start(&dir.path().join("server")).await?;
+        // The N-client figures' clients share one certificate and source address, so for
+        // the server they are one client: give it room for all of them (the figures measure
+        // the tunnel, not the shares; the share figure runs its own server with defaults).
+        let server = TowerServer::start_configured(&dir.path().join("server"), |c| {
+            c.client_streams = 256;
+        })
+        .await?;
         let synth = HttpsUpstream::bytes(dir.path()).await?;
         let mut agents = Vec::new();
         let synth_token = server.mint(SYNTH, None)?;

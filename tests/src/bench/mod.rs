@@ -11,7 +11,9 @@
 //! - resident memory of a separate `tower-server` process per idle agent;
 //! - reconnect time of N agents after that server process restarts;
 //! - another client's small-GET latency while one client holds its full share
-//!   of unread streams, and the server process's memory meanwhile.
+//!   of unread streams, and the server process's memory meanwhile;
+//! - small-GET latency beside a port-forward moving bulk data, the port-forward
+//!   straight to the member or through the tunnel, and its rate (kwok plays the node).
 //!
 //! Clients are raw hyper HTTP/2 clients over rustls, built the same way for both
 //! paths; only the endpoint differs. Direct requests carry the agent's own
@@ -25,6 +27,7 @@ mod client;
 mod env;
 mod idle;
 mod latency;
+pub mod port_forward;
 mod report;
 mod share;
 mod throughput;
@@ -62,10 +65,11 @@ pub enum Figure {
     Memory,
     Reconnect,
     Share,
+    PortForward,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 7] = [
+    pub const ALL: [Figure; 8] = [
         Figure::Get,
         Figure::List,
         Figure::Watch,
@@ -73,6 +77,7 @@ impl Figure {
         Figure::Memory,
         Figure::Reconnect,
         Figure::Share,
+        Figure::PortForward,
     ];
 
     pub fn parse(s: &str) -> Option<Figure> {
@@ -84,6 +89,7 @@ impl Figure {
             "memory" => Figure::Memory,
             "reconnect" => Figure::Reconnect,
             "share" => Figure::Share,
+            "port-forward" => Figure::PortForward,
             _ => return None,
         })
     }
@@ -124,6 +130,9 @@ pub struct Size {
     /// Small GETs per round, and rounds, quiet and beside a full share.
     pub share_gets: usize,
     pub share_rounds: usize,
+    /// Small GETs per round, and rounds, beside a port-forward straight and through the tunnel.
+    pub pf_gets: usize,
+    pub pf_rounds: usize,
 }
 
 impl Size {
@@ -149,6 +158,8 @@ impl Size {
             reconnect_agents: 100,
             share_gets: 500,
             share_rounds: 4,
+            pf_gets: 400,
+            pf_rounds: 3,
         }
     }
 
@@ -174,6 +185,8 @@ impl Size {
             reconnect_agents: 5,
             share_gets: 20,
             share_rounds: 1,
+            pf_gets: 20,
+            pf_rounds: 1,
         }
     }
 }
@@ -195,6 +208,7 @@ pub async fn run(size: &Size, figures: &[Figure]) -> anyhow::Result<Report> {
             Figure::Watch => watch::watches(&env, size, &mut report).await?,
             Figure::Tunnel => throughput::tunnel_capacity(&env, size, &mut report).await?,
             Figure::Share => share::beside_a_full_share(size, &mut report).await?,
+            Figure::PortForward => port_forward::beside_a_port_forward(size, &mut report).await?,
             Figure::Memory | Figure::Reconnect => {}
         }
         if !matches!(fig, Figure::Memory | Figure::Reconnect) {

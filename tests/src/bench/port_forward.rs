@@ -1,0 +1,231 @@
+//! Small GETs beside a port-forward moving bulk data: sequential GETs through the tunnel
+//! while a `kubectl port-forward` (to a pod on a kwok node) exchanges data with its target,
+//! the port-forward going straight to the member ("direct") or through the tunnel.
+//!
+//! [`PortForwardBed`] is shared with `tests/tests/port_forward_load.rs`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use http_body_util::BodyExt as _;
+
+use super::Size;
+use super::report::{Report, percentile};
+use crate::fixture::exchange::{PortForward, exchange_paced, exchange_server};
+use crate::fixture::http::{get_h2, until_ok};
+use crate::fixture::{self, ProcessSettings, ServerProcess, agent_credential};
+use crate::testbed::{self, ControlPlane, FakeNode, Process, Testbed};
+
+const CLUSTER: &str = "anorien";
+/// One exchange of the pump, each way.
+const PUMP_BYTES: usize = 4_000_000;
+/// The paced pump's rate, each way (bytes a second).
+pub const PACE: u64 = 10_000_000;
+
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// A member with a kwok node and pod `pump`, the real server and agent, and an HTTP/2
+/// connection through the gateway for the GETs.
+pub struct PortForwardBed {
+    pub member: ControlPlane,
+    /// Through the tunnel.
+    pub kubeconfig: PathBuf,
+    h2: H2,
+    path: String,
+    _agent: Process,
+    _server: ServerProcess,
+    _node: FakeNode,
+    _dir: tempfile::TempDir,
+    _bed: Testbed,
+}
+
+impl PortForwardBed {
+    pub async fn start() -> anyhow::Result<Self> {
+        let bed = Testbed::start().await?;
+        let member = bed.cluster("member").await?;
+        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let target_addr = target.local_addr()?;
+        tokio::spawn(exchange_server(target));
+        let node = FakeNode::start(&member, target_addr).await?;
+        node.pod(&member, "default", "pump").await?;
+        let dir = tempfile::tempdir()?;
+        fixture::build_binaries().await?;
+        let server = ServerProcess::start_with(
+            &dir.path().join("state"),
+            &dir.path().join("server.log"),
+            ProcessSettings::Production,
+        )
+        .await?;
+        let (_, sa_token_file) = agent_credential(&member, dir.path()).await?;
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, server.mint(CLUSTER, None)?.encode())?;
+        let agent = fixture::spawn_agent_process(
+            &token_file,
+            &member,
+            &sa_token_file,
+            &dir.path().join("agent.log"),
+        )?;
+        let id = server.identity(CLUSTER)?;
+        let limit = Duration::from_secs(30);
+        let version = format!("/clusters/{CLUSTER}/version");
+        anyhow::ensure!(
+            until_ok(server.gateway_addr, server.ca_pem(), &id, &version, limit).await < limit,
+            "{CLUSTER} never answered"
+        );
+        let h2 = fixture::gateway_h2(server.gateway_addr, server.ca_pem(), &id).await?;
+        let kubeconfig = server.kubeconfig_file(CLUSTER)?;
+        let mut bed = Self {
+            member,
+            kubeconfig,
+            h2,
+            path: format!("/clusters/{CLUSTER}/api/v1/namespaces/default"),
+            _agent: agent,
+            _server: server,
+            _node: node,
+            _dir: dir,
+            _bed: bed,
+        };
+        bed.gets(50).await?; // warm up
+        Ok(bed)
+    }
+
+    /// Latencies of `n` sequential small GETs through the tunnel, sorted.
+    pub async fn gets(&mut self, n: usize) -> anyhow::Result<Vec<Duration>> {
+        let mut took = Vec::with_capacity(n);
+        for _ in 0..n {
+            let started = Instant::now();
+            let resp = self.h2.send_request(get_h2(&self.path)).await?;
+            anyhow::ensure!(resp.status() == 200, "small GET: {}", resp.status());
+            resp.into_body().collect().await?;
+            took.push(started.elapsed());
+        }
+        took.sort();
+        Ok(took)
+    }
+
+    /// [`PortForwardBed::gets`] while a port-forward with `kubeconfig` exchanges 4 MB each
+    /// way again and again (its client sending and reading at `pace` bytes a second each way,
+    /// or at full speed), on a thread of its own; also returns the pump's average rate over its
+    /// run (MB/s, both ways together).
+    pub async fn gets_beside_pump(
+        &mut self,
+        kubeconfig: &Path,
+        pace: Option<u64>,
+        n: usize,
+    ) -> anyhow::Result<(Vec<Duration>, f64)> {
+        let mut cmd = tokio::process::Command::new(testbed::kubectl_bin());
+        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .args(["port-forward", "--address=127.0.0.1", "pod/pump", ":8080"]);
+        let forward = PortForward::spawn(cmd).await?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let pumped = Arc::new(AtomicUsize::new(0));
+        let pump = std::thread::spawn({
+            let (stop, pumped, local) = (stop.clone(), pumped.clone(), forward.local);
+            move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                rt.block_on(async {
+                    for _ in 0..500 {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let ok = exchange_paced(local, PUMP_BYTES, pace, Duration::from_secs(60))
+                            .await?;
+                        anyhow::ensure!(ok, "the pump's data arrived damaged");
+                        pumped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    anyhow::Ok(())
+                })
+            }
+        });
+        // Let it reach its speed: one exchange done.
+        let pumping = Instant::now();
+        while pumped.load(Ordering::Relaxed) == 0 && pumping.elapsed() < Duration::from_secs(30) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::ensure!(
+            pumped.load(Ordering::Relaxed) > 0,
+            "the pump finished no exchange in 30 s"
+        );
+        let got = self.gets(n).await;
+        stop.store(true, Ordering::Relaxed);
+        let pumped_ok = tokio::task::spawn_blocking(move || pump.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("the pump panicked"))?;
+        // The pump's average over its whole run, the GETs' time included.
+        let moved = pumped.load(Ordering::Relaxed) * PUMP_BYTES * 2;
+        let during = pumping.elapsed();
+        drop(forward);
+        pumped_ok.context("the pump")?;
+        Ok((got?, moved as f64 / 1e6 / during.as_secs_f64()))
+    }
+}
+
+/// The benchmark figure: rounds alternate the pump straight to the member and through the
+/// tunnel, paced and at full speed.
+pub(crate) async fn beside_a_port_forward(size: &Size, report: &mut Report) -> anyhow::Result<()> {
+    let mut bed = PortForwardBed::start().await?;
+    let alone = bed.gets(size.pf_gets).await?;
+    let straight_kubeconfig = bed.member.admin_kubeconfig().to_path_buf();
+    let tunnel_kubeconfig = bed.kubeconfig.clone();
+    for (label, pace) in [
+        (
+            format!("paced, {} MB/s each way", PACE / 1_000_000),
+            Some(PACE),
+        ),
+        ("full speed".to_string(), None),
+    ] {
+        let (mut direct, mut tunnel) = (Vec::new(), Vec::new());
+        let (mut direct_rate, mut tunnel_rate) = (0.0, 0.0);
+        for _ in 0..size.pf_rounds {
+            let (d, r) = bed
+                .gets_beside_pump(&straight_kubeconfig, pace, size.pf_gets)
+                .await?;
+            direct.extend(d);
+            direct_rate += r / size.pf_rounds as f64;
+            let (t, r) = bed
+                .gets_beside_pump(&tunnel_kubeconfig, pace, size.pf_gets)
+                .await?;
+            tunnel.extend(t);
+            tunnel_rate += r / size.pf_rounds as f64;
+        }
+        direct.sort();
+        tunnel.sort();
+        let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
+        for (p_label, p) in [("p50", 0.5), ("p99", 0.99)] {
+            let (d, t) = (percentile(&direct, p), percentile(&tunnel, p));
+            let ratio = t.as_secs_f64() / d.as_secs_f64();
+            let (goal, met) = if p_label == "p99" {
+                ("≤ 1.25×".to_string(), Some(ratio <= 1.25))
+            } else {
+                (String::new(), None)
+            };
+            report.row(
+                format!("small GET {p_label} beside a port-forward ({label})"),
+                ms(d),
+                ms(t),
+                Some(ratio),
+                goal,
+                met,
+            );
+        }
+        report.row(
+            format!("port-forward both ways ({label})"),
+            format!("{direct_rate:.1} MB/s"),
+            format!("{tunnel_rate:.1} MB/s"),
+            Some(tunnel_rate / direct_rate),
+            String::new(),
+            None,
+        );
+    }
+    report.notes.push(format!(
+        "small GETs through the tunnel with no port-forward: p50 {:.2} ms, p99 {:.2} ms",
+        percentile(&alone, 0.5).as_secs_f64() * 1e3,
+        percentile(&alone, 0.99).as_secs_f64() * 1e3
+    ));
+    Ok(())
+}
