@@ -198,9 +198,20 @@ impl Client {
         Outcome {
             code: out.status.code(),
             stdout: out.stdout,
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            stderr: without_websocket_noise(&String::from_utf8_lossy(&out.stderr)),
         }
     }
+}
+
+/// `stderr` without the line kubectl's WebSocket client logs now and then, directly as
+/// through the tunnel, when a frame arrives for a stream it has already closed
+/// (`websocket.go:…] Unknown stream id 1, discarding message`).
+fn without_websocket_noise(stderr: &str) -> String {
+    stderr
+        .lines()
+        .filter(|l| !(l.contains("websocket.go:") && l.contains("Unknown stream id")))
+        .map(|l| format!("{l}\n"))
+        .collect()
 }
 
 /// What a kubectl run gave.
