@@ -262,9 +262,9 @@ mod tests {
     use super::*;
 
     /// A fresh store, and a token for gondor from it living `ttl`.
-    fn store_with_token(ttl: Option<Duration>) -> (PathBuf, FileStore, JoinToken) {
-        let dir = tempdir();
-        let store = FileStore::open(&dir).unwrap();
+    fn store_with_token(ttl: Option<Duration>) -> (tempfile::TempDir, FileStore, JoinToken) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FileStore::open(dir.path()).unwrap();
         let token = store
             .mint(
                 "gondor",
@@ -298,7 +298,7 @@ mod tests {
             "secret stored in clear"
         );
         // A second handle (towerctl) revokes; the first sees it after refresh.
-        FileStore::open(&dir)
+        FileStore::open(dir.path())
             .unwrap()
             .revoke_cluster("gondor")
             .unwrap();
@@ -318,11 +318,5 @@ mod tests {
             store.check("gondor", Some(&token.claims.id), &token.secret),
             Verdict::Expired
         );
-    }
-
-    fn tempdir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("tower-store-{}", random_id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
     }
 }
