@@ -4,7 +4,7 @@
 //! stream within a second.
 //!
 //! One environment is shared: a member with a fake node and pod `box`, the real `tower-server`
-//! and `tower-agent` binaries, and the port-forward target ([`exchange_server`]).
+//! and `tower-agent` binaries, and the port-forward target (`fixture::exchange`).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _};
-use tower_tests::fixture::exchange::{PortForward, exchange, exchange_server, pattern};
+use tower_tests::fixture::exchange::{PortForward, exchange, pattern, spawn_exchange_server};
 use tower_tests::fixture::{self, ProcessSettings, ServerProcess, agent_credential};
 use tower_tests::testbed::{self, ControlPlane, FakeNode, Process, Testbed};
 
@@ -40,9 +40,7 @@ async fn start_env() -> anyhow::Result<Env> {
     let started = Instant::now();
     let bed = fixture::start_logged_bed("tower-streaming.log").await?;
     let member = bed.cluster("member").await?;
-    let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = target.local_addr()?;
-    tokio::spawn(exchange_server(target));
+    let target_addr = spawn_exchange_server().await?;
     let node = FakeNode::start(&member, target_addr).await?;
     node.pod(&member, "default", POD).await?;
     let dir = tempfile::tempdir()?;

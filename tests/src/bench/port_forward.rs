@@ -14,7 +14,7 @@ use http_body_util::BodyExt as _;
 
 use super::Size;
 use super::report::{Report, percentile};
-use crate::fixture::exchange::{PortForward, exchange_paced, exchange_server};
+use crate::fixture::exchange::{PortForward, exchange_paced, spawn_exchange_server};
 use crate::fixture::http::{get_h2, until_ok};
 use crate::fixture::{self, ProcessSettings, ServerProcess, agent_credential};
 use crate::testbed::{self, ControlPlane, FakeNode, Process, Testbed};
@@ -46,9 +46,7 @@ impl PortForwardBed {
     pub async fn start() -> anyhow::Result<Self> {
         let bed = Testbed::start().await?;
         let member = bed.cluster("member").await?;
-        let target = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let target_addr = target.local_addr()?;
-        tokio::spawn(exchange_server(target));
+        let target_addr = spawn_exchange_server().await?;
         let node = FakeNode::start(&member, target_addr).await?;
         node.pod(&member, "default", "pump").await?;
         let dir = tempfile::tempdir()?;
