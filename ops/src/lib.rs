@@ -37,6 +37,20 @@ macro_rules! register_metrics {
     }};
 }
 
+/// The git revision the binaries were built from: the first 7 characters of
+/// the commit `HEAD` pointed at, the `TOWER_REVISION` environment variable of
+/// the build when set, or `unknown` (built outside git). Set by `build.rs`.
+pub const REVISION: &str = env!("TOWER_REVISION");
+
+/// What every Tower binary's `--version` prints after its name: the workspace
+/// version and [`REVISION`], e.g. `0.1.0 (rev a3d6972)`.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (rev ",
+    env!("TOWER_REVISION"),
+    ")"
+);
+
 /// How a binary writes its log lines (`--log-format`, `TOWER_LOG_FORMAT`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogFormat {
@@ -179,4 +193,23 @@ fn answer(ops: &Ops, path: &str) -> Response<Full<Bytes>> {
         hyper::header::HeaderValue::from_static(content_type),
     );
     resp
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn version_names_the_workspace_version_and_the_revision() {
+        assert_eq!(
+            super::VERSION,
+            format!("{} (rev {})", env!("CARGO_PKG_VERSION"), super::REVISION)
+        );
+        assert!(!super::REVISION.is_empty());
+        // Built in this repository, the revision is HEAD's commit, shortened.
+        if std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../.git")).exists()
+            && std::env::var_os("TOWER_REVISION").is_none()
+        {
+            assert_eq!(super::REVISION.len(), 7, "{}", super::REVISION);
+            assert!(super::REVISION.bytes().all(|b| b.is_ascii_hexdigit()));
+        }
+    }
 }

@@ -9,7 +9,7 @@ use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 
 /// Tower agent: connects a member cluster to the Tower server over SSH.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = tower_ops::VERSION, about)]
 struct Args {
     /// File holding the join token (re-read on every reconnect).
     #[arg(long, env = "TOWER_JOIN_TOKEN_FILE", conflicts_with = "token")]

@@ -10,7 +10,7 @@ use tower_server::{Server, ServerConfig};
 
 /// Tower server: accepts agents over SSH and proxies clients to member clusters.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = tower_ops::VERSION, about)]
 struct Args {
     /// Address the SSH listener for agents binds.
     #[arg(long, env = "TOWER_SSH_LISTEN", default_value = "0.0.0.0:7022")]

@@ -21,7 +21,7 @@ const MANAGER: &str = "towerctl";
 
 /// Join member clusters to Tower and manage their access.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version = tower_ops::VERSION, about)]
 struct Args {
     /// Standalone mode: the server's state directory (CA, host key, token file).
     /// Without it, towerctl works against the host cluster's API.
