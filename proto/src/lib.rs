@@ -1,7 +1,8 @@
 //! The wire contract between the Tower agent and server, and the gateway's
 //! URL forms.
 //!
-//! Types, encode/decode and the rules both ends apply; no sockets:
+//! Types, encode/decode and the rules both ends apply, and the transports
+//! both ends run SSH on:
 //! - [`token`]: the join token (`tower1.…`) that carries the server address, the
 //!   pinned host-key fingerprint, the cluster name and the agent's secret.
 //! - [`hello`]: the versioned hello/welcome exchange on the control channel,
@@ -13,6 +14,8 @@
 //!   and the Kubernetes `Status` error response.
 //! - [`route`]: the gateway's paths (`/clusters/{cluster}/…` and KubeSphere's
 //!   forms) and the cluster URL a kubeconfig names.
+//! - [`transport`]: raw TCP or SSH inside a WebSocket (`ws://`, `wss://`),
+//!   and the server addresses that choose between them.
 #![forbid(unsafe_code)]
 
 pub mod hello;
@@ -22,6 +25,7 @@ pub mod names;
 pub mod properties;
 pub mod route;
 pub mod token;
+pub mod transport;
 pub mod tunnel;
 
 pub use hello::{Hello, Welcome};

@@ -742,3 +742,141 @@ async fn lease_elects_one_writer_and_fails_over() {
         "the new leader did not write"
     );
 }
+
+/// Starts the real agent binary with exactly the flags KubeSphere 3.4's agent
+/// Deployment gives the Go agent (`pkg/kapis/cluster/v1alpha1/handler.go`,
+/// `generateDefaultDeployment`), `--proxy-server` pointing at `proxy_server`.
+/// What a pod gets from its mounts comes as their env twins: the service
+/// account's CA and token, and its namespace.
+fn spawn_kubesphere_shaped_agent(
+    env: &Env,
+    name: &str,
+    token: &str,
+    proxy_server: &str,
+    log: &Path,
+) -> Process {
+    let mut cmd =
+        std::process::Command::new(fixture::workspace_bin("tower-agent", "tower-agent").unwrap());
+    let kubernetes = env.member.url.trim_start_matches("https://");
+    cmd.args([
+        format!("--name={name}"),
+        format!("--token={token}"),
+        format!("--proxy-server={proxy_server}"),
+        "--keepalive=10s".into(),
+        "--kubesphere-service=ks-apiserver.kubesphere-system.svc:80".into(),
+        format!("--kubernetes-service={kubernetes}"),
+        "--v=0".into(),
+    ])
+    .env("TOWER_KUBE_CA_FILE", env.member.ca_file())
+    .env("TOWER_KUBE_TOKEN_FILE", &env.sa_token_file)
+    .env("POD_NAMESPACE", "kubesphere-system")
+    .env("TOWER_OPS_LISTEN", "")
+    .env("TOWER_BACKOFF_MAX", "1")
+    .env("RUST_LOG", "info");
+    Process::spawn("tower-agent", cmd, log).unwrap()
+}
+
+fn read_log(path: &Path) -> String {
+    String::from_utf8_lossy(&std::fs::read(path).unwrap_or_default()).into_owned()
+}
+
+/// KubeSphere's agent manifest with only the image changed: the Go agent's
+/// flags, the Cluster's bare token, `--proxy-server http://…` (the server's
+/// WebSocket port) and no host key. The agent pins the key on first use in a
+/// Secret of its namespace, saying loudly that the contact was unverified;
+/// restarted, it uses that pin quietly; a server with another key is refused
+/// with a message that says how to re-pin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubesphere_agent_flags_connect_and_pin_the_host_key_on_first_use() {
+    let env = env();
+    let client = env.host.client().await.unwrap();
+    let ks_token = "ks0generated0token0for0mirkwood0abcdefgh";
+    let c = Cluster::new(
+        "mirkwood",
+        ClusterSpec {
+            join_federation: Some(true),
+            enable: Some(true),
+            provider: Some("kubesphere".into()),
+            connection: Some(Connection {
+                type_: Some("proxy".into()),
+                token: Some(ks_token.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    create_cluster(&client, &c).await;
+    let member = env.member.client().await.unwrap();
+    fixture::create_namespace(&member, "kubesphere-system", true)
+        .await
+        .unwrap();
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(member.clone(), "kubesphere-system");
+    let proxy_server = format!("http://{}", env._server.ws_addr);
+    let log = env.dir.path().join("mirkwood-agent.log");
+    let mut agent = spawn_kubesphere_shaped_agent(env, "mirkwood", ks_token, &proxy_server, &log);
+    let c = wait_available(&client, "mirkwood", "True", Duration::from_secs(30)).await;
+    let kubeconfig = kubeconfig_file(&c, env.dir.path(), "mirkwood");
+    let out = fixture::kubectl(
+        &kubeconfig,
+        &["get", "namespace", "kube-system", "-o", "name"],
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(out.trim(), "namespace/kube-system");
+    let text = read_log(&log);
+    assert!(
+        text.contains("FIRST CONTACT WITH THE SERVER WAS NOT VERIFIED"),
+        "the unverified first contact is not logged loudly:\n{text}"
+    );
+    assert!(!text.contains(ks_token), "the token reached the log");
+    let info = Api::<ConfigMap>::namespaced(client.clone(), "kubesphere-system")
+        .get("tower-server")
+        .await
+        .unwrap();
+    let fingerprint = info.data.unwrap()["hostKeyFingerprint"].clone();
+    let pin = secrets.get("tower-agent-host-key").await.unwrap();
+    assert_eq!(
+        String::from_utf8(pin.data.unwrap()["hostKey"].0.clone()).unwrap(),
+        fingerprint,
+        "the pin Secret holds the server's key"
+    );
+
+    // Restarted: the stored pin is used, nothing is trusted on first use.
+    agent.terminate();
+    let log2 = env.dir.path().join("mirkwood-agent-2.log");
+    let mut agent = spawn_kubesphere_shaped_agent(env, "mirkwood", ks_token, &proxy_server, &log2);
+    eventually(Duration::from_secs(20), || async {
+        read_log(&log2).contains("tunnel established").then_some(())
+    })
+    .await
+    .expect("the restarted agent did not connect");
+    assert!(
+        !read_log(&log2).contains("FIRST CONTACT"),
+        "{}",
+        read_log(&log2)
+    );
+    agent.terminate();
+
+    // Another server (another host key) at the address: refused, with how to re-pin.
+    let other_dir = env.dir.path().join("impostor");
+    let impostor = fixture::TowerServer::start(&other_dir).await.unwrap();
+    let log3 = env.dir.path().join("mirkwood-agent-3.log");
+    let impostor_url = format!("http://{}", impostor.ws_addr);
+    let mut agent = spawn_kubesphere_shaped_agent(env, "mirkwood", ks_token, &impostor_url, &log3);
+    let refused = eventually(Duration::from_secs(20), || async {
+        let text = read_log(&log3);
+        (text.matches("host key mismatch").count() >= 2).then_some(text)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no repeated refusal:\n{}", read_log(&log3)));
+    assert!(
+        refused.contains("kubectl -n kubesphere-system delete secret tower-agent-host-key"),
+        "the refusal does not say how to re-pin:\n{refused}"
+    );
+    assert!(refused.contains(&fingerprint), "{refused}");
+    assert!(!impostor.is_connected("mirkwood"));
+    assert!(!refused.contains("tunnel established"), "{refused}");
+    agent.terminate();
+}

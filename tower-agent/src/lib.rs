@@ -10,6 +10,8 @@
 #![forbid(unsafe_code)]
 
 pub mod metrics;
+pub mod pin;
+pub mod proxy;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -31,20 +33,34 @@ use tower_proto::hello::{self, LineError, ProtocolVersion, Reply};
 use tower_proto::http::Body;
 use tower_proto::names::{
     CAP_CALLER_CREDENTIAL, CAP_H2, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS,
+    UPSTREAM_KUBE_APISERVER,
 };
 use tower_proto::token::host_key_fingerprint;
 use tower_proto::{Hello, JoinToken, TokenError, tunnel};
 
+pub use proxy::{Proxy, ProxySettings};
+use tower_proto::transport::{BoxIo, ServerAddr, TransportError};
 pub use upstream::{Upstream, UpstreamConfig};
 
 /// How long the server has to answer the agent's hello.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Where the join token comes from. A file is re-read on every reconnect.
+/// Where the agent's credential comes from. A file is re-read on every
+/// reconnect.
 #[derive(Clone)]
 pub enum TokenSource {
+    /// A join token in a file.
     File(PathBuf),
+    /// A join token.
     Literal(String),
+    /// KubeSphere's form: a cluster name, the bare token of the Cluster's
+    /// `spec.connection.token`, and the server addresses. It pins no host
+    /// key ([`AgentConfig::host_key`] or a first-use pin does).
+    Bare {
+        cluster: String,
+        token: String,
+        servers: Vec<String>,
+    },
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -52,12 +68,29 @@ impl std::fmt::Debug for TokenSource {
         match self {
             TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
             TokenSource::Literal(_) => f.write_str("Literal(<redacted>)"),
+            TokenSource::Bare {
+                cluster, servers, ..
+            } => f
+                .debug_struct("Bare")
+                .field("cluster", cluster)
+                .field("servers", servers)
+                .finish_non_exhaustive(),
         }
     }
 }
 
+/// What one connection attempt logs in with.
+struct Login {
+    servers: Vec<String>,
+    cluster: String,
+    /// The SSH password.
+    password: tower_proto::Secret,
+    /// The host key the credential itself pins (a join token's).
+    pin: Option<String>,
+}
+
 impl TokenSource {
-    fn load(&self) -> Result<JoinToken, AgentError> {
+    fn load(&self) -> Result<Login, AgentError> {
         let text = match self {
             TokenSource::File(p) => {
                 std::fs::read_to_string(p).map_err(|source| AgentError::TokenFile {
@@ -66,9 +99,38 @@ impl TokenSource {
                 })?
             }
             TokenSource::Literal(s) => s.clone(),
+            TokenSource::Bare {
+                cluster,
+                token,
+                servers,
+            } => {
+                return Ok(Login {
+                    servers: servers.clone(),
+                    cluster: cluster.clone(),
+                    password: tower_proto::Secret::new(token.trim().to_string()),
+                    pin: None,
+                });
+            }
         };
-        Ok(JoinToken::parse(&text)?)
+        let token = JoinToken::parse(&text)?;
+        Ok(Login {
+            password: token.credential(),
+            pin: Some(token.claims.host_key.clone()),
+            servers: token.claims.servers,
+            cluster: token.claims.cluster,
+        })
     }
+}
+
+/// The host key a connection attempt accepts.
+#[derive(Clone, Debug)]
+enum Pin {
+    /// From the join token or `--host-key`.
+    Given(String),
+    /// Pinned on first use and kept in a store.
+    Stored(String),
+    /// Nothing pinned yet: the first key seen is accepted, then kept.
+    FirstUse,
 }
 
 /// Agent settings.
@@ -91,6 +153,19 @@ pub struct AgentConfig {
     /// upstream connection at most for each, so this bounds what a server can
     /// make the agent open.
     pub max_streams: u32,
+    /// Which HTTP proxy each server address goes through.
+    pub proxy: ProxySettings,
+    /// CA bundle that verifies a `wss://` server's certificate; the system's
+    /// roots when unset. The SSH host key is pinned on every transport.
+    pub server_ca_file: Option<PathBuf>,
+    /// The server's host-key fingerprint (`SHA256:…`), for a credential that
+    /// pins none ([`TokenSource::Bare`]).
+    pub host_key: Option<String>,
+    /// Where a first-use pin is kept, for a credential that pins no host key
+    /// when `host_key` is unset.
+    pub pin_store: Option<pin::PinStoreConfig>,
+    /// Server addresses that replace the join token's.
+    pub servers_override: Option<Vec<String>>,
 }
 
 impl AgentConfig {
@@ -105,6 +180,11 @@ impl AgentConfig {
             drain_timeout: Duration::from_secs(5),
             upstream_timeout: upstream::DEFAULT_RESPONSE_TIMEOUT,
             max_streams: tunnel::H2_MAX_STREAMS,
+            proxy: ProxySettings::default(),
+            server_ca_file: None,
+            host_key: None,
+            pin_store: None,
+            servers_override: None,
         }
     }
 }
@@ -124,14 +204,20 @@ pub enum AgentError {
     #[error("cannot reach server {addr}: {reason}")]
     Dial { addr: String, reason: DialError },
     #[error(
-        "host key mismatch: server {addr} presented {presented}, but the join token pins {pinned}; \
-         refusing to connect (the server may be impersonated, or its key was replaced: get a new join token)"
+        "host key mismatch: server {addr} presented {presented}, but {source_of_pin} pins {pinned}; \
+         refusing to connect (the server may be impersonated, or its key was replaced: {hint})"
     )]
     HostKeyMismatch {
         addr: String,
         presented: String,
         pinned: String,
+        /// What pins the key ("the join token", a pin store).
+        source_of_pin: String,
+        /// How to re-pin after a deliberate change.
+        hint: String,
     },
+    #[error("configuration: {0}")]
+    Pin(String),
     #[error(
         "the server refused the join token for cluster {cluster:?}: it is wrong, expired or revoked; mint a new one with towerctl"
     )]
@@ -159,6 +245,14 @@ pub enum DialError {
     HandshakeTimeout,
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Address(#[from] tower_proto::transport::AddrError),
+    #[error("{0}")]
+    Proxy(#[from] proxy::ProxyError),
+    #[error("TLS: {0} (a private CA? give its bundle with --server-ca-file)")]
+    Tls(std::io::Error),
+    #[error("{0}")]
+    Transport(#[from] TransportError),
 }
 
 /// What the agent is doing now; observable through [`Agent::state`].
@@ -173,6 +267,12 @@ pub enum AgentState {
 /// A Tower agent.
 pub struct Agent {
     config: AgentConfig,
+    /// Where a first-use pin is kept.
+    pin_store: Option<pin::PinStore>,
+    /// A first-use pin taken by this process (kept even if storing it failed).
+    pinned_here: Mutex<Option<String>>,
+    /// Verifies `wss://` servers.
+    server_tls: Arc<rustls::ClientConfig>,
     upstreams: Arc<HashMap<String, Arc<Upstream>>>,
     state: watch::Sender<AgentState>,
     metrics: metrics::AgentMetrics,
@@ -194,8 +294,23 @@ impl Agent {
             !upstreams.is_empty(),
             "the agent needs at least one upstream"
         );
+        let server_tls = Arc::new(server_tls(config.server_ca_file.as_deref())?);
+        let pin_store = config
+            .pin_store
+            .as_ref()
+            .map(|c| pin::PinStore::new(c, upstreams.get(UPSTREAM_KUBE_APISERVER).cloned()))
+            .transpose()?;
+        if let Some(key) = &config.host_key {
+            anyhow::ensure!(
+                key.starts_with("SHA256:"),
+                "--host-key must be a SHA256:… fingerprint, got {key:?}"
+            );
+        }
         Ok(Self {
             config,
+            pin_store,
+            pinned_here: Mutex::new(None),
+            server_tls,
             upstreams: Arc::new(upstreams),
             state: watch::channel(AgentState::Connecting).0,
             metrics: Default::default(),
@@ -264,18 +379,30 @@ impl Agent {
 
     /// One session: dial, verify, authenticate, hello, forward, serve until it ends.
     async fn session(&self, shutdown: &CancellationToken) -> Result<(), AgentError> {
-        let token = self.config.token.load()?;
-        let cluster = token.claims.cluster.clone();
+        let mut login = self.config.token.load()?;
+        if let Some(servers) = &self.config.servers_override {
+            login.servers = servers.clone();
+        }
+        let pin = self.pin(&login).await?;
+        let cluster = login.cluster.clone();
         let mut last_err = AgentError::NoServer;
-        for addr in &token.claims.servers {
+        for addr in &login.servers {
             let dialed = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
-                r = self.dial(addr, &token) => r,
+                r = self.dial(addr, &login, &pin) => r,
             };
             match dialed {
-                Ok((handle, ended, drain)) => {
+                Ok((handle, ended, drain, presented)) => {
                     return self
-                        .established(addr, handle, ended, drain, &cluster, shutdown)
+                        .established(
+                            addr,
+                            handle,
+                            ended,
+                            drain,
+                            &cluster,
+                            shutdown,
+                            (&pin, presented),
+                        )
                         .await;
                 }
                 Err(e @ AgentError::HostKeyMismatch { .. }) => return Err(e),
@@ -285,15 +412,77 @@ impl Agent {
         Err(last_err)
     }
 
+    /// The host key this attempt accepts: the credential's, `--host-key`,
+    /// this process's first-use pin, the stored one, or (none anywhere)
+    /// whatever the server presents first.
+    async fn pin(&self, login: &Login) -> Result<Pin, AgentError> {
+        if let Some(key) = login.pin.clone().or_else(|| self.config.host_key.clone()) {
+            return Ok(Pin::Given(key));
+        }
+        if let Some(key) = self.pinned_here.lock().expect("poisoned").clone() {
+            return Ok(Pin::Stored(key));
+        }
+        let Some(store) = &self.pin_store else {
+            return Err(AgentError::Pin(
+                "nothing pins the server's host key: give --host-key, or a pin store (--host-key-pin-file or --host-key-pin-secret)".into(),
+            ));
+        };
+        match store.load().await {
+            Ok(Some(key)) => Ok(Pin::Stored(key)),
+            Ok(None) => Ok(Pin::FirstUse),
+            // Connecting unverified because the store could not be read
+            // would defeat the pin: wait and retry instead.
+            Err(e) => Err(AgentError::Pin(format!(
+                "cannot read the host-key pin from {}: {e:#}",
+                store.describe()
+            ))),
+        }
+    }
+
+    fn mismatch(&self, addr: &str, presented: String, pin: &Pin) -> AgentError {
+        let (pinned, source_of_pin, hint) = match pin {
+            Pin::Given(k) if self.config.host_key.is_some() => (
+                k.clone(),
+                "--host-key".to_string(),
+                "check the fingerprint tower-server logs at start and give that one".to_string(),
+            ),
+            Pin::Given(k) => (
+                k.clone(),
+                "the join token".to_string(),
+                "get a new join token".to_string(),
+            ),
+            Pin::Stored(k) => {
+                let store = self.pin_store.as_ref();
+                (
+                    k.clone(),
+                    store.map_or("this agent's first-use pin".into(), |s| {
+                        format!("the first-use pin in {}", s.describe())
+                    }),
+                    store.map_or("restart the agent to re-pin".into(), |s| s.repin_hint()),
+                )
+            }
+            Pin::FirstUse => (String::new(), String::new(), String::new()),
+        };
+        AgentError::HostKeyMismatch {
+            addr: addr.to_string(),
+            presented,
+            pinned,
+            source_of_pin,
+            hint,
+        }
+    }
+
     async fn dial(
         &self,
         addr: &str,
-        token: &JoinToken,
+        login: &Login,
+        pin: &Pin,
     ) -> Result<
         (
             client::Handle<AgentHandler>,
             Arc<Mutex<Option<String>>>,
             Drain,
+            Option<String>,
         ),
         AgentError,
     > {
@@ -301,14 +490,7 @@ impl Agent {
             addr: addr.to_string(),
             reason,
         };
-        let tcp = tokio::time::timeout(
-            Duration::from_secs(10),
-            tokio::net::TcpStream::connect(addr),
-        )
-        .await
-        .map_err(|_| dial_err(DialError::Timeout))?
-        .map_err(|e| dial_err(e.into()))?;
-        let _ = tcp.set_nodelay(true);
+        let io = self.open(addr).await.map_err(dial_err)?;
         let config = Arc::new(client::Config {
             keepalive_interval: Some(self.config.keepalive_interval),
             keepalive_max: self.config.keepalive_max,
@@ -335,43 +517,82 @@ impl Agent {
             ..Default::default()
         });
         let mismatch = Arc::new(Mutex::new(None));
+        let presented = Arc::new(Mutex::new(None));
         let ended = Arc::new(Mutex::new(None));
         let drain = Drain::default();
         let handler = AgentHandler {
-            pinned: token.claims.host_key.clone(),
+            pinned: match pin {
+                Pin::Given(k) | Pin::Stored(k) => Some(k.clone()),
+                Pin::FirstUse => None,
+            },
             mismatch: mismatch.clone(),
+            presented: presented.clone(),
             ended: ended.clone(),
             upstreams: self.upstreams.clone(),
             metrics: self.metrics.clone(),
             drain: drain.clone(),
             max_streams: self.config.max_streams,
         };
-        let connect = client::connect_stream(config, tcp, handler);
+        let connect = client::connect_stream(config, io, handler);
         let mut handle = match tokio::time::timeout(Duration::from_secs(15), connect).await {
             Ok(Ok(h)) => h,
             Ok(Err(e)) => {
                 if let Some(presented) = mismatch.lock().expect("poisoned").take() {
-                    return Err(AgentError::HostKeyMismatch {
-                        addr: addr.to_string(),
-                        presented,
-                        pinned: token.claims.host_key.clone(),
-                    });
+                    return Err(self.mismatch(addr, presented, pin));
                 }
                 return Err(e.into());
             }
             Err(_) => return Err(dial_err(DialError::HandshakeTimeout)),
         };
         let auth = handle
-            .authenticate_password(token.claims.cluster.clone(), token.credential().expose())
+            .authenticate_password(login.cluster.clone(), login.password.expose())
             .await?;
         if !auth.success() {
             return Err(AgentError::AuthRefused {
-                cluster: token.claims.cluster.clone(),
+                cluster: login.cluster.clone(),
             });
         }
-        Ok((handle, ended, drain))
+        let presented = presented.lock().expect("poisoned").take();
+        Ok((handle, ended, drain, presented))
     }
 
+    /// Opens the byte stream SSH runs on to `addr`: TCP (directly or
+    /// through a proxy), TLS for `wss://`, then the address's transport.
+    async fn open(&self, addr: &str) -> Result<BoxIo, DialError> {
+        let addr = ServerAddr::parse(addr)?;
+        let tcp = match self.config.proxy.for_addr(&addr) {
+            Some(proxy) => proxy.connect(&addr.authority()).await?,
+            None => tokio::time::timeout(
+                Duration::from_secs(10),
+                tokio::net::TcpStream::connect(addr.authority()),
+            )
+            .await
+            .map_err(|_| DialError::Timeout)??,
+        };
+        let _ = tcp.set_nodelay(true);
+        let io: BoxIo = if addr.tls() {
+            let name = rustls_pki_types::ServerName::try_from(addr.host().to_string())
+                .map_err(|e| DialError::Tls(std::io::Error::other(e)))?;
+            let tls = tokio_rustls::TlsConnector::from(self.server_tls.clone());
+            let handshake = tls.connect(name, tcp);
+            Box::new(
+                tokio::time::timeout(Duration::from_secs(10), handshake)
+                    .await
+                    .map_err(|_| DialError::Timeout)?
+                    .map_err(DialError::Tls)?,
+            )
+        } else {
+            Box::new(tcp)
+        };
+        let transport = addr.transport();
+        Ok(
+            tokio::time::timeout(Duration::from_secs(10), transport.connect(io, &addr))
+                .await
+                .map_err(|_| DialError::Timeout)??,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
     async fn established(
         &self,
         addr: &str,
@@ -380,6 +601,7 @@ impl Agent {
         inflight: Drain,
         cluster: &str,
         shutdown: &CancellationToken,
+        (pin, presented): (&Pin, Option<String>),
     ) -> Result<(), AgentError> {
         let channel = handle.channel_open_session().await?;
         channel.request_subsystem(true, CONTROL_SUBSYSTEM).await?;
@@ -408,6 +630,9 @@ impl Agent {
                 ));
             }
             Err(e) => return Err(e.into()),
+        }
+        if let (Pin::FirstUse, Some(key)) = (pin, presented) {
+            self.first_use(addr, key).await;
         }
         for name in &names {
             handle
@@ -448,8 +673,11 @@ impl Agent {
 // === impl AgentHandler ===
 
 struct AgentHandler {
-    pinned: String,
+    /// The fingerprint accepted; `None`: any (first use).
+    pinned: Option<String>,
     mismatch: Arc<Mutex<Option<String>>>,
+    /// The fingerprint the server presented.
+    presented: Arc<Mutex<Option<String>>>,
     ended: Arc<Mutex<Option<String>>>,
     upstreams: Arc<HashMap<String, Arc<Upstream>>>,
     metrics: metrics::AgentMetrics,
@@ -580,7 +808,8 @@ impl client::Handler for AgentHandler {
             .to_bytes()
             .map(|blob| host_key_fingerprint(&blob))
             .unwrap_or_else(|e| format!("an unreadable key ({e})"));
-        if presented == self.pinned {
+        *self.presented.lock().expect("poisoned") = Some(presented.clone());
+        if self.pinned.as_ref().is_none_or(|p| *p == presented) {
             Ok(true)
         } else {
             *self.mismatch.lock().expect("poisoned") = Some(presented);
@@ -650,6 +879,66 @@ impl client::Handler for AgentHandler {
             DisconnectReason::Error(e) => Err(e),
         }
     }
+}
+
+impl Agent {
+    /// Keeps the key of a server that welcomed this agent on first contact,
+    /// saying loudly that this contact was not verified.
+    async fn first_use(&self, addr: &str, key: String) {
+        *self.pinned_here.lock().expect("poisoned") = Some(key.clone());
+        let Some(store) = &self.pin_store else { return };
+        let saved = store.save(&key, addr).await;
+        tracing::warn!(
+            server = addr,
+            host_key = %key,
+            pin = %store.describe(),
+            saved = saved.is_ok(),
+            "FIRST CONTACT WITH THE SERVER WAS NOT VERIFIED (trust on first use): nothing pinned its host key, \
+             so the key it presented is pinned from now on and a different one is refused; compare it with \
+             the fingerprint tower-server logs at start"
+        );
+        if let Err(e) = saved {
+            tracing::error!(
+                error = %format!("{e:#}"),
+                pin = %store.describe(),
+                "cannot keep the host-key pin; it holds only until this agent restarts"
+            );
+        }
+    }
+}
+
+/// The TLS client config that verifies `wss://` servers: `ca_file`'s
+/// certificates, or the system's roots.
+fn server_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| anyhow::anyhow!("reading --server-ca-file {}: {e}", path.display()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                roots.add(cert?)?;
+            }
+            anyhow::ensure!(
+                !roots.is_empty(),
+                "--server-ca-file {} holds no certificate",
+                path.display()
+            );
+        }
+        None => {
+            // A system without roots only matters for `wss://`, whose
+            // handshake then fails with a message naming --server-ca-file.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
 }
 
 /// Reads and discards until EOF or error.

@@ -16,7 +16,7 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{Client, connect::HttpConnector};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tower_proto::http::{
-    Body, caller_request_headers_with_host, empty, request_headers, response_headers, status,
+    Body, caller_request_headers_with_host, empty, full, request_headers, response_headers, status,
 };
 use tower_proto::names::UPSTREAM_KS_APISERVER;
 use tower_proto::tunnel::{decode_upgrade, encode_upgrade_refusal, wants_caller_credential};
@@ -152,6 +152,41 @@ impl Upstream {
             self.forward(req, long_running).await
         };
         result.unwrap_or_else(|resp| resp)
+    }
+
+    /// A request of the agent's own (not a tunnelled one), with the agent's
+    /// credential: `method` on `path` with a JSON `body`. Returns the status
+    /// and the body.
+    pub async fn own_request(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> anyhow::Result<(StatusCode, bytes::Bytes)> {
+        let uri: Uri = path.parse()?;
+        let mut req = Request::builder().method(method).uri(self.target(&uri));
+        if let Some(token) = &self.token {
+            req = req.header(header::AUTHORIZATION, token.bearer()?);
+        }
+        let body = match body {
+            Some(b) => {
+                req = req.header(header::CONTENT_TYPE, "application/json");
+                full(b)
+            }
+            None => empty(),
+        };
+        let resp = tokio::time::timeout(
+            Duration::from_secs(15),
+            self.client.request(req.body(body)?),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("{} did not answer within 15s", self.name))??;
+        let status = resp.status();
+        let body = tokio::time::timeout(Duration::from_secs(15), resp.into_body().collect())
+            .await
+            .map_err(|_| anyhow::anyhow!("{} did not finish its answer within 15s", self.name))??
+            .to_bytes();
+        Ok((status, body))
     }
 
     fn target(&self, req_uri: &Uri) -> Uri {

@@ -35,7 +35,9 @@ pub mod tokens;
 mod tunnel;
 
 pub use config::ServerConfig;
-pub use kube::{ControllerConfig, crd, run as run_with_kubernetes};
+pub use kube::{
+    ControllerConfig, crd, run as run_with_kubernetes, run_with as run_listeners_with_kubernetes,
+};
 pub use metrics::Metrics;
-pub use server::{HOST_KEY_FILE, SHUTDOWN_WAIT, Server};
+pub use server::{HOST_KEY_FILE, Listeners, SHUTDOWN_WAIT, Server};
 pub use tunnel::{ChannelIo, ForwardError, Registry, Session};

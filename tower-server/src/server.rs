@@ -24,6 +24,9 @@ pub(crate) struct Shared {
     pub(crate) registry: Registry,
     pub(crate) limiter: AuthLimiter,
     pub(crate) gateway_tls: Arc<rustls::ServerConfig>,
+    /// TLS of the agents' WebSocket port (`wss://`): the gateway's serving
+    /// certificate, no client certificate.
+    pub(crate) agent_tls: Arc<rustls::ServerConfig>,
     /// The per-cluster listeners of KubeSphere mode.
     pub(crate) cluster_listeners: gateway::ClusterListeners,
     /// Requests in flight through each cluster's tunnel, per client.
@@ -36,6 +39,16 @@ pub(crate) struct Shared {
     pub(crate) tasks: TaskTracker,
     /// Fires when the server shuts down, for tasks that outlive a request.
     pub(crate) shutdown: CancellationToken,
+}
+
+/// The listeners a server runs.
+pub struct Listeners {
+    /// Raw SSH from agents.
+    pub ssh: TcpListener,
+    /// The HTTPS gateway for clients.
+    pub gateway: TcpListener,
+    /// SSH inside a WebSocket from agents, `ws://` and `wss://` on one port.
+    pub websocket: Option<TcpListener>,
 }
 
 /// A Tower server, ready to run.
@@ -71,6 +84,11 @@ impl Server {
             &serving,
             gateway::ClientCert::Required,
         )?);
+        let agent_tls = Arc::new(gateway::tls_config(
+            ca.cert_pem(),
+            &serving,
+            gateway::ClientCert::None,
+        )?);
         anyhow::ensure!(
             (1..=gateway::MAX_CLUSTER_STREAMS).contains(&config.cluster_streams),
             "--cluster-streams must be 1 to {}, got {}",
@@ -95,6 +113,7 @@ impl Server {
                 registry: Registry::with_metrics(metrics.clone()),
                 limiter: Default::default(),
                 gateway_tls,
+                agent_tls,
                 cluster_listeners: Default::default(),
                 shares,
                 metrics,
@@ -263,15 +282,43 @@ impl Server {
         gateway: TcpListener,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
+        self.run_with(
+            Listeners {
+                ssh,
+                gateway,
+                websocket: None,
+            },
+            shutdown,
+        )
+        .await
+    }
+
+    /// Like [`Server::run`], with every listener the server may have.
+    pub async fn run_with(
+        self,
+        listeners: Listeners,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let Listeners {
+            ssh,
+            gateway,
+            websocket,
+        } = listeners;
         tracing::info!(
             ssh = %ssh.local_addr()?,
             gateway = %gateway.local_addr()?,
+            websocket = ?websocket.as_ref().map(TcpListener::local_addr).transpose()?,
             host_key = %self.host_key_fingerprint(),
             "tower server listening"
         );
         let shared = &self.shared;
         let tasks = &shared.tasks;
-        tasks.spawn(tunnel::serve(shared.clone(), ssh, shutdown.clone()));
+        tasks.spawn(tunnel::serve(
+            shared.clone(),
+            ssh,
+            websocket,
+            shutdown.clone(),
+        ));
         tasks.spawn(gateway::serve(shared.clone(), gateway, shutdown.clone()));
         tasks.spawn(recheck_tokens(shared.clone(), shutdown.clone()));
         shared.running.store(true, Ordering::Relaxed);

@@ -18,6 +18,11 @@ struct Args {
     /// Address the HTTPS gateway binds.
     #[arg(long, env = "TOWER_GATEWAY_LISTEN", default_value = "0.0.0.0:8443")]
     gateway_listen: String,
+    /// Address of the agents' WebSocket port: SSH inside a WebSocket, `ws://`
+    /// and `wss://` (with the gateway's serving certificate) on one port, for
+    /// agents behind HTTP proxies or allowed out only on 443. Empty: off.
+    #[arg(long, env = "TOWER_WEBSOCKET_LISTEN", default_value = "")]
+    websocket_listen: String,
     /// State directory: CA, SSH host key, token store.
     #[arg(long, env = "TOWER_STATE_DIR", default_value = "/var/lib/tower")]
     state_dir: PathBuf,
@@ -124,11 +129,28 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding ops endpoints {}", args.ops_listen))?,
         )
     };
-    let ports = format!(
+    let websocket = if args.websocket_listen.is_empty() {
+        None
+    } else {
+        Some(
+            tokio::net::TcpListener::bind(&args.websocket_listen)
+                .await
+                .with_context(|| format!("binding WebSocket port {}", args.websocket_listen))?,
+        )
+    };
+    let mut ports = format!(
         "ssh={} gateway={}",
         ssh.local_addr()?.port(),
         gateway.local_addr()?.port()
     );
+    if let Some(ws) = &websocket {
+        ports.push_str(&format!(" websocket={}", ws.local_addr()?.port()));
+    }
+    let listeners = tower_server::Listeners {
+        ssh,
+        gateway,
+        websocket,
+    };
     let shutdown = tower_ops::shutdown_on_signal();
     if args.kubernetes {
         if args.print_ports {
@@ -145,8 +167,8 @@ async fn main() -> anyhow::Result<()> {
                 ports: args.kubesphere_ports,
             });
         }
-        return tower_server::run_with_kubernetes(
-            config, ctrl, client, ssh, gateway, ops, shutdown,
+        return tower_server::run_listeners_with_kubernetes(
+            config, ctrl, client, listeners, ops, shutdown,
         )
         .await;
     }
@@ -160,7 +182,7 @@ async fn main() -> anyhow::Result<()> {
         let (server, shutdown) = (server.clone(), shutdown.clone());
         tokio::spawn(async move { server.serve_ops(ops, shutdown).await });
     }
-    server.run(ssh, gateway, shutdown).await
+    server.run_with(listeners, shutdown).await
 }
 
 /// `FIRST-LAST`, both ports, FIRST <= LAST, and LAST + 10000 still a port.

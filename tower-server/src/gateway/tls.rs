@@ -11,6 +11,8 @@ pub(crate) enum ClientCert {
     /// A cluster's kube listener: a certificate is verified when presented;
     /// without one the caller must bring its own bearer token.
     Optional,
+    /// The agents' WebSocket port: agents prove who they are inside SSH.
+    None,
 }
 
 /// Builds a listener's rustls config: the tower CA verifies client
@@ -29,17 +31,23 @@ pub(crate) fn config(
         Arc::new(roots),
         provider.clone(),
     );
-    let verifier = match client {
-        ClientCert::Required => verifier.build()?,
-        ClientCert::Optional => verifier.allow_unauthenticated().build()?,
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?;
+    let builder = match client {
+        ClientCert::Required => builder.with_client_cert_verifier(verifier.build()?),
+        ClientCert::Optional => {
+            builder.with_client_cert_verifier(verifier.allow_unauthenticated().build()?)
+        }
+        ClientCert::None => builder.with_no_client_auth(),
     };
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            tower_certs::parse_certs(&serving.cert_pem)?,
-            tower_certs::parse_key(&serving.key_pem)?,
-        )?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let mut config = builder.with_single_cert(
+        tower_certs::parse_certs(&serving.cert_pem)?,
+        tower_certs::parse_key(&serving.key_pem)?,
+    )?;
+    config.alpn_protocols = match client {
+        // A WebSocket upgrade is HTTP/1.1.
+        ClientCert::None => vec![b"http/1.1".to_vec()],
+        _ => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+    };
     Ok(config)
 }

@@ -40,6 +40,23 @@ pub async fn run(
     ops: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listeners = crate::Listeners {
+        ssh,
+        gateway,
+        websocket: None,
+    };
+    run_with(config, controller_config, client, listeners, ops, shutdown).await
+}
+
+/// Like [`run`], with every listener the server may have.
+pub async fn run_with(
+    config: ServerConfig,
+    controller_config: ControllerConfig,
+    client: kube::Client,
+    listeners: crate::Listeners,
+    ops: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     identity::sync(&client, &controller_config.namespace, &config.state_dir).await?;
     let store = Arc::new(KubeTokenStore::default());
     let server = Server::with_store(config, store.clone())?;
@@ -54,7 +71,7 @@ pub async fn run(
         controller_config,
         shutdown.clone(),
     ));
-    server.run(ssh, gateway, shutdown).await?;
+    server.run_with(listeners, shutdown).await?;
     ctrl.await??;
     if let Some(ops) = ops {
         ops.await?;

@@ -40,7 +40,7 @@ pub(crate) fn config(shared: &Shared) -> russh::server::Config {
     }
 }
 
-/// Accepts agent connections until `shutdown` fires.
+/// What every agent connection, on any transport, passes before it runs.
 ///
 /// Every connection holds a slot of `max_ssh_connections`. Until it
 /// authenticates it also holds an *unauthenticated* slot, capped overall and
@@ -48,52 +48,86 @@ pub(crate) fn config(shared: &Shared) -> russh::server::Config {
 /// `ssh_auth_timeout` or it is cut. russh's `run_stream` has no deadline of its
 /// own (with no inactivity timeout it waits forever for a client's version
 /// line), so garbage, half-open and slow-drip connections would otherwise pile
-/// up without bound.
-pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
-    let config = Arc::new(config(&shared));
-    let limit = Arc::new(tokio::sync::Semaphore::new(
-        shared.config.max_ssh_connections,
-    ));
-    let admission = Arc::new(Admission::new(
-        shared.config.max_unauthenticated_ssh,
-        shared.config.max_unauthenticated_ssh_per_source,
-        "too many unauthenticated ssh connections (overall or from this source); dropping connections",
-    ));
-    let dropped = Throttled::default();
-    while let Some((socket, peer)) = tower_ops::accept(&listener, "ssh", &shutdown).await {
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            dropped.warn(peer, "ssh connection limit reached; dropping connections");
-            continue;
+/// up without bound. A WebSocket's handshake counts against the same deadline.
+pub(crate) struct Intake {
+    pub(super) config: Arc<russh::server::Config>,
+    limit: Arc<tokio::sync::Semaphore>,
+    admission: Arc<Admission>,
+    dropped: Throttled,
+}
+
+/// The slots an admitted connection holds.
+pub(super) type Slots = (tokio::sync::OwnedSemaphorePermit, Pending);
+
+impl Intake {
+    pub(crate) fn new(shared: &Shared) -> Self {
+        Self {
+            config: Arc::new(config(shared)),
+            limit: Arc::new(tokio::sync::Semaphore::new(
+                shared.config.max_ssh_connections,
+            )),
+            admission: Arc::new(Admission::new(
+                shared.config.max_unauthenticated_ssh,
+                shared.config.max_unauthenticated_ssh_per_source,
+                "too many unauthenticated agent connections (overall or from this source); dropping connections",
+            )),
+            dropped: Throttled::default(),
+        }
+    }
+
+    /// Admits a new connection from `peer`, or refuses it (and logs, throttled).
+    pub(super) fn admit(&self, peer: SocketAddr) -> Option<Slots> {
+        let Ok(permit) = self.limit.clone().try_acquire_owned() else {
+            self.dropped
+                .warn(peer, "agent connection limit reached; dropping connections");
+            return None;
         };
-        let Some(pending) = admission.admit_peer(peer) else {
+        let pending = self.admission.admit_peer(peer)?;
+        Some((permit, pending))
+    }
+}
+
+/// Accepts raw SSH connections until `shutdown` fires.
+pub(crate) async fn serve(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    intake: Arc<Intake>,
+    shutdown: CancellationToken,
+) {
+    while let Some((socket, peer)) = tower_ops::accept(&listener, "ssh", &shutdown).await {
+        let Some(slots) = intake.admit(peer) else {
             continue;
         };
         let _ = socket.set_nodelay(true);
+        let deadline = tokio::time::Instant::now() + shared.config.ssh_auth_timeout;
         shared.tasks.spawn(connection(
             shared.clone(),
-            config.clone(),
+            intake.config.clone(),
             socket,
             peer,
-            (permit, pending),
+            slots,
+            deadline,
             shutdown.clone(),
         ));
     }
 }
 
-/// Runs one SSH connection: cuts it if it has not authenticated by the
-/// deadline, and on shutdown after a short grace for the disconnect message.
-async fn connection(
+/// Runs one SSH connection on `io` (a socket, or a transport's stream):
+/// cuts it if it has not authenticated by `deadline`, and on shutdown after a
+/// short grace for the disconnect message.
+pub(super) async fn connection(
     shared: Arc<Shared>,
     config: Arc<russh::server::Config>,
-    socket: tokio::net::TcpStream,
+    io: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     peer: SocketAddr,
-    (_permit, pending): (tokio::sync::OwnedSemaphorePermit, Pending),
+    (_permit, pending): Slots,
+    deadline: tokio::time::Instant,
     shutdown: CancellationToken,
 ) {
     let cut = pending.cut.clone();
     let authenticated = CancellationToken::new();
     let handler = Connection::new(shared.clone(), Some(peer), authenticated.clone());
-    let io = Cuttable::new(socket, cut.clone());
+    let io = Cuttable::new(io, cut.clone());
     let session = async {
         let running = russh::server::run_stream(config, io, handler).await?;
         let handle = running.handle();
@@ -118,7 +152,7 @@ async fn connection(
         }
     };
     tokio::pin!(session);
-    let deadline = tokio::time::sleep(shared.config.ssh_auth_timeout);
+    let deadline = tokio::time::sleep_until(deadline);
     let early = tokio::select! {
         r = &mut session => Some(r),
         _ = authenticated.cancelled() => None,
