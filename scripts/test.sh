@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs Tower's whole test suite on a fresh machine: installs what the suite
-# needs (OpenSSH client), builds the test-bed binaries (etcd, kube-apiserver,
-# kubectl 1.35 and 1.32, helm, kwok) from the Go module proxy into a cache,
-# then runs every test.
+# needs (OpenSSH client; buildah as root, for the image test), builds the
+# test-bed binaries (etcd, kube-apiserver, kubectl 1.35 and 1.32, helm, kwok)
+# from the Go module proxy into a cache, then runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +15,17 @@ if ! command -v ssh >/dev/null 2>&1; then
   else
     sudo apt-get update -qq && sudo apt-get install -y -qq openssh-client >/dev/null
   fi
+fi
+
+# The image test (tests/tests/images.rs) builds the OCI images with buildah
+# (scripts/images.sh, one release build, cached) and runs them under chroot,
+# which needs root. As root it must run, not skip: TOWER_REQUIRE_IMAGES.
+if [[ $(id -u) -eq 0 ]]; then
+  if ! command -v buildah >/dev/null 2>&1; then
+    step "installing buildah (builds the OCI images without a daemon)"
+    apt-get update -qq && apt-get install -y -qq buildah >/dev/null
+  fi
+  export TOWER_REQUIRE_IMAGES=1
 fi
 
 step "test-bed binaries (cold: ~10 min on 2 cores; warm: a no-op)"
