@@ -12,6 +12,8 @@
 //! - a server running with only the chart's RBAC does its whole job: identity
 //!   Secrets, Lease, info ConfigMap, tokens, kubeconfigs, conditions, Agent
 //!   status and `tokenRef` Secrets, and an agent connects through it;
+//! - both charts run the images `scripts/images.sh` builds (name, tag,
+//!   overrides), as their user 65532 with a read-only root filesystem;
 //! - KubeSphere mode (`values-kubesphere.yaml`) renders Deployment and Service
 //!   `tower` with KubeSphere's pod labels and its RBAC, and the defaults render
 //!   none of it;
@@ -1338,6 +1340,68 @@ fn takeover_values_render_kubesphere_mode() {
         out.contains("KubeSphere mode:") && out.contains("Do not run `towerctl join`"),
         "{out}"
     );
+}
+
+/// Both charts run the images `scripts/images.sh` builds (`image.repository`
+/// and the chart's `appVersion`, which is the binaries' version too), with
+/// `image.repository`/`image.tag` overrides, as those images' user 65532 and
+/// with a read-only root filesystem.
+#[test]
+fn charts_run_the_images_of_images_sh_read_only_as_its_user() {
+    let workspace = std::fs::read_to_string(charts_dir().join("../Cargo.toml")).unwrap();
+    let cargo_version = workspace
+        .lines()
+        .find_map(|l| l.strip_prefix("version = \""))
+        .and_then(|v| v.strip_suffix('"'))
+        .expect("workspace version");
+    let token = realistic_join_token("gondor");
+    let set_token = format!("joinToken={token}");
+    for (name, extra) in [
+        ("tower-server", vec![]),
+        ("tower-agent", vec!["--set", set_token.as_str()]),
+    ] {
+        let chart_yaml: serde_json::Value = yaml_serde::from_str(
+            &std::fs::read_to_string(charts_dir().join(name).join("Chart.yaml")).unwrap(),
+        )
+        .unwrap();
+        let app_version = chart_yaml["appVersion"].as_str().unwrap();
+        assert_eq!(
+            app_version, cargo_version,
+            "{name}: appVersion is the image tag and the binaries' --version"
+        );
+        let image_of = |args: &[&str]| {
+            let mut all = extra.clone();
+            all.extend_from_slice(args);
+            let docs = documents(&template(name, name, SERVER_NS, &all));
+            doc(&docs, "Deployment", name).clone()
+        };
+        let deployment = image_of(&[]);
+        let pod = &deployment["spec"]["template"]["spec"];
+        let container = &pod["containers"][0];
+        assert_eq!(
+            container["image"],
+            format!("kubesphere/{name}:{app_version}"),
+            "{name}: the reference scripts/images.sh writes into its archive"
+        );
+        assert_eq!(container["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(
+            container["securityContext"]["allowPrivilegeEscalation"],
+            false
+        );
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+        assert_eq!(pod["securityContext"]["runAsGroup"], 65532);
+        // The image's entrypoint is the binary: the chart sets no command.
+        assert!(container.get("command").is_none(), "{name}: {container}");
+        let pushed = image_of(&[
+            "--set",
+            &format!("image.repository=registry.example:5000/tower/{name},image.tag=0.1.0-rc1"),
+        ]);
+        assert_eq!(
+            pushed["spec"]["template"]["spec"]["containers"][0]["image"],
+            format!("registry.example:5000/tower/{name}:0.1.0-rc1")
+        );
+    }
 }
 
 #[test]
