@@ -64,7 +64,21 @@ async fn start_env() -> anyhow::Result<Env> {
         "agent did not connect"
     );
     let kubeconfig = server.kubeconfig_file(CLUSTER)?;
-    eprintln!("tunnel env ready in {:.2?}", started.elapsed());
+    // The suite runs this file once per transport (TOWER_TEST_TRANSPORT).
+    let tower_agent::AgentState::Connected { server: reached } =
+        agent.agent.state().borrow().clone()
+    else {
+        anyhow::bail!("the agent is not connected")
+    };
+    anyhow::ensure!(
+        reached == server.agent_address(fixture::test_transport()),
+        "the agent reached {reached}, not the {:?} address",
+        fixture::test_transport()
+    );
+    eprintln!(
+        "tunnel env ready in {:.2?}, the agent on {reached}",
+        started.elapsed()
+    );
     Ok(Env {
         _bed: bed,
         member,

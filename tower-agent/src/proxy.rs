@@ -152,7 +152,8 @@ impl Proxy {
                 .and_then(|s| s.parse().ok());
             match status {
                 Some(200..=299) => Ok(tcp),
-                Some(407) => Err(ProxyError::AuthRequired {
+                // 407 is the standard answer; some proxies (tinyproxy) say 401.
+                Some(401 | 407) => Err(ProxyError::AuthRequired {
                     proxy: proxy.clone(),
                     sent: self.auth.is_some(),
                     answer: status_line,
