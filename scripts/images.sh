@@ -181,7 +181,7 @@ report() { # report <name> <archive> <ref>: path, archive size and the gzip'd si
   local bytes gz
   bytes=$(stat -c %s "$2")
   gz=$(gzip -c "$2" | wc -c)
-  awk -v p="$2" -v r="$3" -v b="$bytes" -v g="$gz" 'BEGIN { printf "%s\t%s\t%.1f MB (%.1f MB gzip)\n", p, r, b / 1e6, g / 1e6 }'
+  awk -v p="$2" -v r="$3" -v b="$bytes" -v g="$gz" 'BEGIN { printf "%s\t%s\t%.1f MB (about %.1f MB gzip)\n", p, r, b / 1e6, g / 1e6 }'
 }
 
 build_image tower-server charts/tower-server \

@@ -39,8 +39,6 @@ struct Image {
 struct Images {
     server: Image,
     agent: Image,
-    /// Holds the unpacked root filesystems.
-    _dir: tempfile::TempDir,
 }
 
 impl Image {
@@ -157,12 +155,16 @@ fn build_and_unpack() -> Result<Images, String> {
             f.next().expect("reference").to_string(),
         )
     });
-    let dir = tempfile::tempdir().unwrap();
+    // Beside the archives, replaced on every run (a static is never dropped,
+    // so a temporary directory would stay behind in /tmp).
+    let dir = repo_root().join("target/images/unpacked");
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
     let (server, agent) = (archives.next().unwrap(), archives.next().unwrap());
     Ok(Images {
-        server: unpack(&server.0, &server.1, &dir.path().join("server")),
-        agent: unpack(&agent.0, &agent.1, &dir.path().join("agent")),
-        _dir: dir,
+        server: unpack(&server.0, &server.1, &dir.join("server")),
+        agent: unpack(&agent.0, &agent.1, &dir.join("agent")),
     })
 }
 
