@@ -13,7 +13,9 @@ use tower_proto::names::UPSTREAM_KUBE_APISERVER;
 
 use super::client::Endpoint;
 use super::{CLUSTER, Figure, NS, SYNTH};
-use crate::fixture::{HttpsUpstream, TowerAgent, TowerServer, agent_credential, create_namespace};
+use crate::fixture::{
+    HttpsUpstream, TestTransport, TowerAgent, TowerServer, agent_credential, create_namespace,
+};
 use crate::testbed::{ControlPlane, Testbed, install_crypto_provider};
 
 /// The test bed, the in-process server, the agents and the synthetic upstream.
@@ -26,6 +28,9 @@ pub struct Env {
     pub direct: Option<Arc<Endpoint>>,
     pub tunnel: Option<Arc<Endpoint>>,
     pub synth_tunnel: Arc<Endpoint>,
+    /// The member through agents on each transport: `ssh` (the `tunnel`
+    /// endpoint's agent), `ws` and `wss`, each its own cluster.
+    pub transports: Vec<(&'static str, Arc<Endpoint>)>,
     _agents: Vec<TowerAgent>,
 }
 
@@ -49,6 +54,7 @@ impl Env {
             vec![synth.upstream(UPSTREAM_KUBE_APISERVER, None)],
         )?);
         let (mut bed, mut member, mut direct, mut tunnel) = (None, None, None, None);
+        let mut transports = Vec::new();
         if figures.iter().any(|f| f.needs_testbed()) {
             let started = Instant::now();
             let b = Testbed::start().await?;
@@ -71,6 +77,25 @@ impl Env {
                 prefix: String::new(),
             }));
             tunnel = Some(Arc::new(gateway_endpoint(&server, CLUSTER)?));
+            if figures.contains(&Figure::Transport) {
+                transports.push(("ssh", tunnel.clone().expect("just set")));
+                for (name, transport) in [("ws", TestTransport::Ws), ("wss", TestTransport::Wss)] {
+                    let cluster = format!("{CLUSTER}-{name}");
+                    let token = server.mint_at(&cluster, server.agent_address(transport))?;
+                    agents.push(TowerAgent::start(
+                        TokenSource::Literal(token.encode()),
+                        &m,
+                        &sa_token_file,
+                    )?);
+                    anyhow::ensure!(
+                        server
+                            .wait_connected(&cluster, true, Duration::from_secs(30))
+                            .await,
+                        "agent for {cluster} did not connect"
+                    );
+                    transports.push((name, Arc::new(gateway_endpoint(&server, &cluster)?)));
+                }
+            }
             eprintln!(
                 "test bed up in {:.1?}: member kube-apiserver {}",
                 started.elapsed(),
@@ -100,6 +125,7 @@ impl Env {
             direct,
             tunnel,
             synth_tunnel,
+            transports,
             _agents: agents,
         })
     }

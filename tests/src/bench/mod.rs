@@ -13,7 +13,9 @@
 //! - another client's small-GET latency while one client holds its full share
 //!   of unread streams, and the server process's memory meanwhile;
 //! - small-GET latency beside a port-forward moving bulk data, the port-forward
-//!   straight to the member or through the tunnel, and its rate (kwok plays the node).
+//!   straight to the member or through the tunnel, and its rate (kwok plays the node);
+//! - the agent's transports: small-GET latency and large-LIST throughput with
+//!   the agent on SSH inside a WebSocket (`ws://`, `wss://`) versus raw SSH.
 //!
 //! Clients are raw hyper HTTP/2 clients over rustls, built the same way for both
 //! paths; only the endpoint differs. Direct requests carry the agent's own
@@ -31,6 +33,7 @@ pub mod port_forward;
 mod report;
 mod share;
 mod throughput;
+mod transport;
 mod watch;
 
 pub use client::{Endpoint, H2};
@@ -66,10 +69,11 @@ pub enum Figure {
     Reconnect,
     Share,
     PortForward,
+    Transport,
 }
 
 impl Figure {
-    pub const ALL: [Figure; 8] = [
+    pub const ALL: [Figure; 9] = [
         Figure::Get,
         Figure::List,
         Figure::Watch,
@@ -78,6 +82,7 @@ impl Figure {
         Figure::Reconnect,
         Figure::Share,
         Figure::PortForward,
+        Figure::Transport,
     ];
 
     pub fn parse(s: &str) -> Option<Figure> {
@@ -90,12 +95,16 @@ impl Figure {
             "reconnect" => Figure::Reconnect,
             "share" => Figure::Share,
             "port-forward" => Figure::PortForward,
+            "transport" => Figure::Transport,
             _ => return None,
         })
     }
 
     pub(crate) fn needs_testbed(self) -> bool {
-        matches!(self, Figure::Get | Figure::List | Figure::Watch)
+        matches!(
+            self,
+            Figure::Get | Figure::List | Figure::Watch | Figure::Transport
+        )
     }
 }
 
@@ -209,6 +218,7 @@ pub async fn run(size: &Size, figures: &[Figure]) -> anyhow::Result<Report> {
             Figure::Tunnel => throughput::tunnel_capacity(&env, size, &mut report).await?,
             Figure::Share => share::beside_a_full_share(size, &mut report).await?,
             Figure::PortForward => port_forward::beside_a_port_forward(size, &mut report).await?,
+            Figure::Transport => transport::websocket_vs_ssh(&env, size, &mut report).await?,
             Figure::Memory | Figure::Reconnect => {}
         }
         if !matches!(fig, Figure::Memory | Figure::Reconnect) {

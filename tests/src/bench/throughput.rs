@@ -24,27 +24,7 @@ use crate::fixture::{ConfigMaps, raw};
 
 pub(crate) async fn large_list(env: &Env, size: &Size, report: &mut Report) -> anyhow::Result<()> {
     let (direct, tunnel) = env.pair();
-    let client = env.member().client().await?;
-    let api: Api<ConfigMap> = Api::namespaced(client, NS);
-    let count = size.list_bytes.div_ceil(size.list_object_bytes);
-    let value = "x".repeat(size.list_object_bytes);
-    let started = Instant::now();
-    ConfigMaps {
-        count,
-        name: &|i| format!("list-{i:05}"),
-        labels: &[("bench", "list")],
-        value: &value,
-        concurrency: 16,
-        existing_ok: true,
-    }
-    .create(&api)
-    .await?;
-    eprintln!(
-        "   created {count} ConfigMaps of {} KiB in {:.1?}",
-        size.list_object_bytes / 1024,
-        started.elapsed()
-    );
-    let path = format!("/api/v1/namespaces/{NS}/configmaps?labelSelector=bench%3Dlist");
+    let (count, path) = list_objects(env, size).await?;
     let (mut dc, mut tc) = (direct.connect().await?, tunnel.connect().await?);
     // Warm-up: one LIST each way.
     let (dn, tn) = (dc.get_drain(&path).await?, tc.get_drain(&path).await?);
@@ -76,6 +56,33 @@ pub(crate) async fn large_list(env: &Env, size: &Size, report: &mut Report) -> a
         .counts
         .push(("LIST bytes, tunnel vs direct".into(), dn, tn));
     Ok(())
+}
+
+/// Creates the large LIST's ConfigMaps on the member (once per run); returns
+/// their count and the path that LISTs them.
+pub(crate) async fn list_objects(env: &Env, size: &Size) -> anyhow::Result<(usize, String)> {
+    let client = env.member().client().await?;
+    let api: Api<ConfigMap> = Api::namespaced(client, NS);
+    let count = size.list_bytes.div_ceil(size.list_object_bytes);
+    let value = "x".repeat(size.list_object_bytes);
+    let started = Instant::now();
+    ConfigMaps {
+        count,
+        name: &|i| format!("list-{i:05}"),
+        labels: &[("bench", "list")],
+        value: &value,
+        concurrency: 16,
+        existing_ok: true,
+    }
+    .create(&api)
+    .await?;
+    eprintln!(
+        "   created {count} ConfigMaps of {} KiB in {:.1?}",
+        size.list_object_bytes / 1024,
+        started.elapsed()
+    );
+    let path = format!("/api/v1/namespaces/{NS}/configmaps?labelSelector=bench%3Dlist");
+    Ok((count, path))
 }
 
 pub(crate) async fn tunnel_capacity(

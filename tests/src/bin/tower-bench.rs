@@ -1,7 +1,7 @@
 //! `tower-bench`: direct-vs-tunnel benchmarks against the test bed (issue 5).
 //!
 //! ```sh
-//! cargo run --release -p tower-tests --bin tower-bench -- [--size small|full] [--only get,list,watch,tunnel,memory,reconnect,share,port-forward] [--watches N]
+//! cargo run --release -p tower-tests --bin tower-bench -- [--size small|full] [--only get,list,watch,tunnel,memory,reconnect,share,port-forward,transport] [--watches N]
 //! ```
 //!
 //! Progress and each figure go to stderr as they are measured; the final table
@@ -11,7 +11,7 @@ use tower_tests::bench::{self, Figure, Size};
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tower-bench [--size small|full] [--only get,list,watch,tunnel,memory,reconnect,share,port-forward] [--watches N]"
+        "usage: tower-bench [--size small|full] [--only get,list,watch,tunnel,memory,reconnect,share,port-forward,transport] [--watches N]"
     );
     std::process::exit(2)
 }
