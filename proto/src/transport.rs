@@ -42,8 +42,6 @@ const MAX_MESSAGE: usize = 1024 * 1024;
 const PUMP_CHUNK: usize = 32 * 1024;
 /// The in-process pipe between SSH and the WebSocket, per direction.
 const PIPE_BUFFER: usize = 64 * 1024;
-/// How long a pump that has sent its close frame still reads the peer's bytes.
-const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a transport could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -390,14 +388,13 @@ where
             }
             let _ = wr.shutdown().await;
         };
-        // A WebSocket has no half-close: once this side has said all it will
-        // (a close frame), the peer's last bytes are still read, for a while.
-        tokio::pin!(inbound);
+        // A WebSocket has no half-close, and SSH never half-closes: the end of
+        // either side (SSH dropped its stream, or the peer closed) ends both.
+        // Waiting for a silent peer's close frame would hold the socket past
+        // the server's deadline for a peer that never authenticated.
         tokio::select! {
-            _ = outbound => {
-                let _ = tokio::time::timeout(CLOSE_GRACE, inbound).await;
-            }
-            _ = &mut inbound => {}
+            _ = outbound => {}
+            _ = inbound => {}
         }
     });
     Box::new(ours)

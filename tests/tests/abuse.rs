@@ -825,6 +825,78 @@ async fn unauthenticated_ssh_connections_are_cut_at_the_deadline() {
     );
 }
 
+/// The agents' WebSocket port passes the same intake as raw SSH: one
+/// deadline covers the TLS and WebSocket handshakes and SSH authentication,
+/// so a peer that stalls at any step is cut, and a port that is not spoken
+/// to properly is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_websocket_connections_are_cut_at_the_deadline() {
+    let _shared = MEASURE.read().await;
+    let env = env();
+    let dir = tempfile::tempdir().unwrap();
+    let deadline = Duration::from_secs(2);
+    let cluster = "ws-deadline";
+    let Tunnel { server, agent, .. } = tunnel(
+        dir.path(),
+        cluster,
+        env.echo.upstream(UPSTREAM_KS_APISERVER, None),
+        |c| c.ssh_auth_timeout = deadline,
+    )
+    .await;
+    let ws = server.ws_addr;
+    let limit = Duration::from_secs(10);
+    let bound = deadline + Duration::from_millis(1500);
+    let upgrade = format!(
+        "GET / HTTP/1.1\r\nHost: {ws}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: {}\r\n\r\n",
+        tower_proto::transport::WEBSOCKET_SUBPROTOCOL
+    );
+    let case = |first: Vec<u8>, drip: bool| async move {
+        let mut s = TcpStream::connect(ws).await.unwrap();
+        let start = Instant::now();
+        if drip {
+            for b in first {
+                if s.write_all(&[b]).await.is_err() {
+                    return Some(start.elapsed());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        } else {
+            let _ = s.write_all(&first).await;
+        }
+        until_closed(&mut s, limit).await.1.map(|_| start.elapsed())
+    };
+    let (silent, tls_stall, dripped, upgraded, garbage) = tokio::join!(
+        futures::future::join_all((0..10).map(|_| case(Vec::new(), false))),
+        // The start of a TLS record, then nothing.
+        case(vec![0x16, 0x03, 0x01], false),
+        // The upgrade request, one byte every 100 ms.
+        case(upgrade.clone().into_bytes(), true),
+        // A complete upgrade, then no SSH at all.
+        case(upgrade.clone().into_bytes(), false),
+        // Not HTTP.
+        case(
+            (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect(),
+            false
+        ),
+    );
+    for (what, took) in silent.into_iter().map(|t| ("silent", t)).chain([
+        ("a stalled TLS handshake", tls_stall),
+        ("a dripped upgrade", dripped),
+        ("an upgrade without SSH", upgraded),
+        ("garbage", garbage),
+    ]) {
+        let took = took.unwrap_or_else(|| panic!("{what} was held for {limit:?}"));
+        assert!(took <= bound, "{what}: closed after {took:?}");
+    }
+    assert!(server.server.registry().is_connected(cluster));
+    assert!(matches!(
+        *agent.agent.state().borrow(),
+        AgentState::Connected { .. }
+    ));
+}
+
 /// The real server binary (default limits: 256 unauthenticated connections,
 /// 32 per source, 20 s to authenticate) flooded from 12 source addresses with
 /// half-open, garbage and churning connections: its descriptors stay bounded,
