@@ -110,6 +110,12 @@ build_image() { # build_image <binary name> <chart dir> <description>
     cp "$bin" "$root/usr/local/bin/$name"
   fi
   chmod 0755 "$root/usr/local/bin/$name"
+  if [[ $name == tower-agent ]]; then
+    # KubeSphere's own agent Deployment runs `/agent` (3.4
+    # pkg/kapis/cluster/v1alpha1/handler.go, generateDefaultDeployment): with
+    # this path, swapping only its image for this one works.
+    ln -s usr/local/bin/tower-agent "$root/agent"
+  fi
   # The dynamic loader and every library the binary links, at the paths ldd
   # resolves them to (the loader's own default search path finds them there).
   local lib libs

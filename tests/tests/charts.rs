@@ -1256,7 +1256,7 @@ fn takeover_values_render_kubesphere_mode() {
     );
 
     // Service `tower`: the Go tower's type, its port 8080 first and leading to
-    // the agent-facing (SSH) container port, selecting the pods above.
+    // the agents' WebSocket port, selecting the pods above.
     let service = doc(&docs, "Service", "tower");
     assert_eq!(service["spec"]["type"], "LoadBalancer");
     let ports = service["spec"]["ports"].as_array().unwrap();
@@ -1264,7 +1264,7 @@ fn takeover_values_render_kubesphere_mode() {
         ports[0]["port"], 8080,
         "ports[0] is what members' --proxy-server names"
     );
-    assert_eq!(ports[0]["targetPort"], "ssh");
+    assert_eq!(ports[0]["targetPort"], "websocket");
     assert_eq!(ports[0]["protocol"], "TCP");
     let container_ports = deployment["spec"]["template"]["spec"]["containers"][0]["ports"]
         .as_array()
@@ -1272,8 +1272,12 @@ fn takeover_values_render_kubesphere_mode() {
     assert!(
         container_ports
             .iter()
-            .any(|p| p["name"] == "ssh" && p["containerPort"] == 7022),
-        "targetPort ssh names the SSH listener"
+            .any(|p| p["name"] == "websocket" && p["containerPort"] == 8080),
+        "targetPort websocket names the WebSocket listener"
+    );
+    assert!(
+        manifest_env(&deployment, "TOWER_WEBSOCKET_LISTEN").as_deref() == Some("0.0.0.0:8080"),
+        "the server listens on the WebSocket port"
     );
     assert_eq!(string_map(&service["spec"]["selector"]), ks_labels());
     assert_eq!(service["spec"]["externalTrafficPolicy"], "Cluster");
@@ -1440,7 +1444,17 @@ fn default_values_render_no_kubesphere_bits() {
     assert!(!manifest.contains("resource-policy"));
     let service = doc(&docs, "Service", "tower");
     assert_eq!(service["spec"]["type"], "ClusterIP");
-    assert_eq!(service["spec"]["ports"][0]["port"], 7022);
+    let ports: Vec<_> = service["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["name"].as_str().unwrap(), p["port"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(
+        ports,
+        [("websocket", 8080), ("ssh", 7022), ("gateway", 8443)],
+        "the default Service: WebSocket first, raw SSH, the gateway"
+    );
     assert_eq!(string_map(&service["spec"]["selector"]), selector);
     let cluster_role = doc(&docs, "ClusterRole", "tower-server");
     assert!(!grants(
@@ -1717,7 +1731,7 @@ async fn readme_takeover_of_the_go_tower() {
     assert_eq!(service["spec"]["clusterIP"], cluster_ip);
     let ports = service["spec"]["ports"].as_array().unwrap();
     assert_eq!(ports[0]["port"], 8080, "{service}");
-    assert_eq!(ports[0]["targetPort"], "ssh");
+    assert_eq!(ports[0]["targetPort"], "websocket");
     assert_eq!(ports[0]["nodePort"], node_port, "the node port moved");
     assert_eq!(ports.len(), 2, "{service}");
     assert_eq!(
@@ -1756,11 +1770,12 @@ async fn readme_takeover_of_the_go_tower() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|p| p["name"] == "ssh")
+            .any(|p| p["name"] == "websocket")
     );
     let env_vars = container_env(&deployment);
     assert_eq!(env_vars["TOWER_KUBESPHERE"], "true");
-    assert_eq!(env_vars["TOWER_SSH_ADDRESS"], format!("{LB_IP}:8080"));
+    assert_eq!(env_vars["TOWER_SSH_ADDRESS"], format!("ws://{LB_IP}:8080"));
+    assert_eq!(env_vars["TOWER_WEBSOCKET_LISTEN"], "0.0.0.0:8080");
     assert_eq!(
         deployment["spec"]["template"]["spec"]["serviceAccountName"],
         "tower"
@@ -1805,7 +1820,10 @@ async fn readme_takeover_of_the_go_tower() {
     config.cluster_listen_host = std::net::Ipv4Addr::LOCALHOST.into();
     let mut ctrl = ControllerConfig::new(SERVER_NS, "tower-0");
     // TOWER_SSH_ADDRESS as the chart passes it (two addresses here).
-    ctrl.ssh_addresses = vec![format!("{LB_IP}:8080"), "tower.example.com:8080".into()];
+    ctrl.ssh_addresses = vec![
+        format!("ws://{LB_IP}:8080"),
+        "ws://tower.example.com:8080".into(),
+    ];
     ctrl.kubesphere = Some(tower_server::kube::KubeSphereConfig { ports: 6000..=7000 });
     ctrl.lease_renew = Duration::from_secs(1);
     ctrl.lease_duration = Duration::from_secs(4);
@@ -1891,7 +1909,10 @@ async fn readme_takeover_of_the_go_tower() {
     let token = JoinToken::parse(&token).unwrap_or_else(|e| panic!("{e}: {token}"));
     assert_eq!(
         token.claims.servers,
-        [format!("{LB_IP}:8080"), "tower.example.com:8080".into()]
+        [
+            format!("ws://{LB_IP}:8080"),
+            "ws://tower.example.com:8080".into()
+        ]
     );
     assert_eq!(token.claims.host_key, host_key);
     assert_eq!(token.claims.cluster, "member1");
@@ -2033,4 +2054,14 @@ async fn readme_takeover_of_the_go_tower() {
         "charts: README takeover, KubeSphere-mode server, join token, member switch and rollback in {:.2?}",
         started.elapsed()
     );
+}
+
+/// The value of env var `name` of the first container of `deployment`.
+fn manifest_env(deployment: &serde_json::Value, name: &str) -> Option<String> {
+    deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)?["value"]
+        .as_str()
+        .map(str::to_string)
 }

@@ -356,6 +356,22 @@ fn images_are_named_labelled_and_report_their_version_as_nonroot() {
             String::from_utf8(out.stdout).unwrap().trim(),
             format!("{name} {version} (rev {short})")
         );
+        if name == "tower-agent" {
+            // KubeSphere's agent Deployment runs `/agent`: only its image changes.
+            let out = Command::new(chroot_bin())
+                .arg(format!("--userspec={}", image.user()))
+                .arg(&image.root)
+                .args(["/agent", "--version"])
+                .env_clear()
+                .output()
+                .unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out.stdout).trim(),
+                format!("{name} {version} (rev {short})"),
+                "/agent --version: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
     }
 }
 
