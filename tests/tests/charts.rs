@@ -1276,7 +1276,7 @@ fn takeover_values_render_kubesphere_mode() {
         "targetPort websocket names the WebSocket listener"
     );
     assert!(
-        manifest_env(&deployment, "TOWER_WEBSOCKET_LISTEN").as_deref() == Some("0.0.0.0:8080"),
+        manifest_env(deployment, "TOWER_WEBSOCKET_LISTEN").as_deref() == Some("0.0.0.0:8080"),
         "the server listens on the WebSocket port"
     );
     assert_eq!(string_map(&service["spec"]["selector"]), ks_labels());
