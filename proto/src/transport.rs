@@ -14,8 +14,8 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use futures::{Sink, Stream};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio_tungstenite::tungstenite::{self, Message, protocol::WebSocketConfig};
 
 /// A byte stream a transport runs on or yields.
@@ -38,10 +38,8 @@ pub const DEFAULT_SSH_PORT: u16 = 7022;
 /// Largest WebSocket message or frame either end accepts. Senders here send
 /// at most [`PUMP_CHUNK`] bytes per message.
 const MAX_MESSAGE: usize = 1024 * 1024;
-/// Bytes read from SSH per WebSocket message.
+/// Most bytes of one write sent as one WebSocket message.
 const PUMP_CHUNK: usize = 32 * 1024;
-/// The in-process pipe between SSH and the WebSocket, per direction.
-const PIPE_BUFFER: usize = 64 * 1024;
 
 /// Why a transport could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -345,64 +343,129 @@ fn client_error(e: tungstenite::Error) -> TransportError {
     }
 }
 
-/// Runs a WebSocket as a byte stream: a task moves bytes between it and the
-/// returned pipe, one binary message per write, each sent at once (SSH never
-/// flushes, so nothing may wait in a buffer). The task ends when either side
-/// ends, and the pipe then reads EOF and fails writes.
+/// A WebSocket as a byte stream: one binary message per write, sent at once.
+///
+/// SSH never flushes, so nothing may wait in a buffer: each write is flushed
+/// as it is accepted. A flush the socket cannot take yet is finished by the
+/// next write, flush *or read*: the SSH session always has a read pending, so
+/// its task is woken when the socket can take the rest. (A pump task between
+/// a pipe and the WebSocket would do the same at the cost of two more task
+/// hops per message.)
+struct WsIo<S> {
+    ws: tokio_tungstenite::WebSocketStream<S>,
+    /// The rest of the last message received.
+    unread: bytes::Bytes,
+    /// A message was accepted whose flush has not finished.
+    flush_pending: bool,
+}
+
+fn to_io(e: tungstenite::Error) -> std::io::Error {
+    match e {
+        tungstenite::Error::Io(e) => e,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            std::io::ErrorKind::BrokenPipe.into()
+        }
+        other => std::io::Error::other(other),
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> WsIo<S> {
+    /// Drives a pending flush; errors surface on the next write.
+    fn drive_flush(&mut self, cx: &mut std::task::Context<'_>) {
+        if self.flush_pending
+            && let std::task::Poll::Ready(_) = Pin::new(&mut self.ws).poll_flush(cx)
+        {
+            self.flush_pending = false;
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        this.drive_flush(cx);
+        loop {
+            if !this.unread.is_empty() {
+                let n = this.unread.len().min(buf.remaining());
+                buf.put_slice(&this.unread.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            match futures::ready!(Pin::new(&mut this.ws).poll_next(cx)) {
+                Some(Ok(Message::Binary(data))) => this.unread = data,
+                // The peer closed, or spoke text: the stream ends.
+                Some(Ok(Message::Close(_) | Message::Text(_))) | None => {
+                    return Poll::Ready(Ok(()));
+                }
+                // Pings are answered by the library.
+                Some(Ok(_)) => {}
+                Some(Err(tungstenite::Error::ConnectionClosed)) => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(to_io(e))),
+            }
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        futures::ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(to_io)?;
+        let n = buf.len().min(PUMP_CHUNK);
+        let msg = Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]));
+        Pin::new(&mut this.ws).start_send(msg).map_err(to_io)?;
+        match Pin::new(&mut this.ws).poll_flush(cx) {
+            Poll::Ready(Ok(())) => this.flush_pending = false,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(to_io(e))),
+            Poll::Pending => this.flush_pending = true,
+        }
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        futures::ready!(Pin::new(&mut this.ws).poll_flush(cx)).map_err(to_io)?;
+        this.flush_pending = false;
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match futures::ready!(Pin::new(&mut self.ws).poll_close(cx)) {
+            Ok(()) | Err(tungstenite::Error::ConnectionClosed) => std::task::Poll::Ready(Ok(())),
+            Err(e) => std::task::Poll::Ready(Err(to_io(e))),
+        }
+    }
+}
+
 fn pump<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> BoxIo
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (ours, theirs) = tokio::io::duplex(PIPE_BUFFER);
-    tokio::spawn(async move {
-        let (mut sink, mut stream) = ws.split();
-        let (mut rd, mut wr) = tokio::io::split(theirs);
-        let outbound = async {
-            let mut buf = vec![0u8; PUMP_CHUNK];
-            loop {
-                match rd.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        let msg = Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]));
-                        if sink.send(msg).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            }
-            let _ = sink.close().await;
-        };
-        let inbound = async {
-            while let Some(Ok(msg)) = stream.next().await {
-                match msg {
-                    Message::Binary(data) => {
-                        let written = wr.write_all(&data).await;
-                        if written.is_err() {
-                            return;
-                        }
-                    }
-                    Message::Close(_) | Message::Text(_) => break,
-                    // Pings are answered by the library; nothing else matters.
-                    _ => {}
-                }
-            }
-            let _ = wr.shutdown().await;
-        };
-        // A WebSocket has no half-close, and SSH never half-closes: the end of
-        // either side (SSH dropped its stream, or the peer closed) ends both.
-        // Waiting for a silent peer's close frame would hold the socket past
-        // the server's deadline for a peer that never authenticated.
-        tokio::select! {
-            _ = outbound => {}
-            _ = inbound => {}
-        }
-    });
-    Box::new(ours)
+    Box::new(WsIo {
+        ws,
+        unread: bytes::Bytes::new(),
+        flush_pending: false,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
     fn addresses() {
