@@ -98,6 +98,25 @@ async fn kubeconfig_written(client: &Client, name: &str) -> bool {
 }
 
 /// Creates `c` on the host.
+/// A proxy Cluster as the KubeSphere console creates it: type proxy, the
+/// token KubeSphere set, joinFederation and enable on.
+fn console_cluster(name: &str, token: &str) -> Cluster {
+    Cluster::new(
+        name,
+        ClusterSpec {
+            join_federation: Some(true),
+            enable: Some(true),
+            provider: Some("kubesphere".into()),
+            connection: Some(Connection {
+                type_: Some("proxy".into()),
+                token: Some(token.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+}
+
 async fn create_cluster(client: &Client, c: &Cluster) {
     Api::<Cluster>::all(client.clone())
         .create(&PostParams::default(), c)
@@ -277,20 +296,7 @@ async fn kubesphere_console_flow() {
     let client = env.host.client().await.unwrap();
     // As the KubeSphere console creates it: type proxy, token set by KubeSphere.
     let ks_token = "ks0generated0token0for0lothlorien0abcdef";
-    let c = Cluster::new(
-        "lothlorien",
-        ClusterSpec {
-            join_federation: Some(true),
-            enable: Some(true),
-            provider: Some("kubesphere".into()),
-            connection: Some(Connection {
-                type_: Some("proxy".into()),
-                token: Some(ks_token.into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    );
+    let c = console_cluster("lothlorien", ks_token);
     create_cluster(&client, &c).await;
     let c = wait_available(&client, "lothlorien", "False", Duration::from_secs(15)).await;
     let conn = c.spec.connection.clone().unwrap();
@@ -791,20 +797,7 @@ async fn kubesphere_agent_flags_connect_and_pin_the_host_key_on_first_use() {
     let env = env();
     let client = env.host.client().await.unwrap();
     let ks_token = "ks0generated0token0for0mirkwood0abcdefgh";
-    let c = Cluster::new(
-        "mirkwood",
-        ClusterSpec {
-            join_federation: Some(true),
-            enable: Some(true),
-            provider: Some("kubesphere".into()),
-            connection: Some(Connection {
-                type_: Some("proxy".into()),
-                token: Some(ks_token.into()),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    );
+    let c = console_cluster("mirkwood", ks_token);
     create_cluster(&client, &c).await;
     let member = env.member.client().await.unwrap();
     fixture::create_namespace(&member, "kubesphere-system", true)
