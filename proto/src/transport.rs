@@ -36,10 +36,10 @@ pub const GO_TOWER_SUBPROTOCOL: &str = "kubesphere-v1";
 pub const DEFAULT_SSH_PORT: u16 = 7022;
 
 /// Largest WebSocket message or frame either end accepts. Senders here send
-/// at most [`PUMP_CHUNK`] bytes per message.
+/// at most [`MAX_WRITE`] bytes per message.
 const MAX_MESSAGE: usize = 1024 * 1024;
 /// Most bytes of one write sent as one WebSocket message.
-const PUMP_CHUNK: usize = 32 * 1024;
+const MAX_WRITE: usize = 32 * 1024;
 
 /// Why a transport could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +247,7 @@ pub struct WebSocket;
 
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
-        .read_buffer_size(PUMP_CHUNK)
+        .read_buffer_size(MAX_WRITE)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE))
         .max_frame_size(Some(MAX_MESSAGE))
@@ -279,7 +279,7 @@ impl Transport for WebSocket {
                 tokio_tungstenite::client_async_with_config(request, io, Some(ws_config()))
                     .await
                     .map_err(client_error)?;
-            Ok(pump(ws))
+            Ok(byte_stream(ws))
         })
     }
 
@@ -311,7 +311,7 @@ impl Transport for WebSocket {
             let ws = tokio_tungstenite::accept_hdr_async_with_config(io, check, Some(ws_config()))
                 .await
                 .map_err(|e| TransportError::Handshake(e.to_string()))?;
-            Ok(pump(ws))
+            Ok(byte_stream(ws))
         })
     }
 }
@@ -419,7 +419,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
         use std::task::Poll;
         let this = &mut *self;
         futures::ready!(Pin::new(&mut this.ws).poll_ready(cx)).map_err(to_io)?;
-        let n = buf.len().min(PUMP_CHUNK);
+        let n = buf.len().min(MAX_WRITE);
         let msg = Message::Binary(bytes::Bytes::copy_from_slice(&buf[..n]));
         Pin::new(&mut this.ws).start_send(msg).map_err(to_io)?;
         match Pin::new(&mut this.ws).poll_flush(cx) {
@@ -451,7 +451,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
     }
 }
 
-fn pump<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> BoxIo
+fn byte_stream<S>(ws: tokio_tungstenite::WebSocketStream<S>) -> BoxIo
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {

@@ -124,7 +124,7 @@ impl TokenSource {
 
 /// The host key a connection attempt accepts.
 #[derive(Clone, Debug)]
-enum Pin {
+enum HostKeyPin {
     /// From the join token or `--host-key`.
     Given(String),
     /// Pinned on first use and kept in a store.
@@ -415,12 +415,12 @@ impl Agent {
     /// The host key this attempt accepts: the credential's, `--host-key`,
     /// this process's first-use pin, the stored one, or (none anywhere)
     /// whatever the server presents first.
-    async fn pin(&self, login: &Login) -> Result<Pin, AgentError> {
+    async fn pin(&self, login: &Login) -> Result<HostKeyPin, AgentError> {
         if let Some(key) = login.pin.clone().or_else(|| self.config.host_key.clone()) {
-            return Ok(Pin::Given(key));
+            return Ok(HostKeyPin::Given(key));
         }
         if let Some(key) = self.pinned_here.lock().expect("poisoned").clone() {
-            return Ok(Pin::Stored(key));
+            return Ok(HostKeyPin::Stored(key));
         }
         let Some(store) = &self.pin_store else {
             return Err(AgentError::Pin(
@@ -428,8 +428,8 @@ impl Agent {
             ));
         };
         match store.load().await {
-            Ok(Some(key)) => Ok(Pin::Stored(key)),
-            Ok(None) => Ok(Pin::FirstUse),
+            Ok(Some(key)) => Ok(HostKeyPin::Stored(key)),
+            Ok(None) => Ok(HostKeyPin::FirstUse),
             // Connecting unverified because the store could not be read
             // would defeat the pin: wait and retry instead.
             Err(e) => Err(AgentError::Pin(format!(
@@ -439,19 +439,19 @@ impl Agent {
         }
     }
 
-    fn mismatch(&self, addr: &str, presented: String, pin: &Pin) -> AgentError {
+    fn mismatch(&self, addr: &str, presented: String, pin: &HostKeyPin) -> AgentError {
         let (pinned, source_of_pin, hint) = match pin {
-            Pin::Given(k) if self.config.host_key.is_some() => (
+            HostKeyPin::Given(k) if self.config.host_key.is_some() => (
                 k.clone(),
                 "--host-key".to_string(),
                 "check the fingerprint tower-server logs at start and give that one".to_string(),
             ),
-            Pin::Given(k) => (
+            HostKeyPin::Given(k) => (
                 k.clone(),
                 "the join token".to_string(),
                 "get a new join token".to_string(),
             ),
-            Pin::Stored(k) => {
+            HostKeyPin::Stored(k) => {
                 let store = self.pin_store.as_ref();
                 (
                     k.clone(),
@@ -461,7 +461,7 @@ impl Agent {
                     store.map_or("restart the agent to re-pin".into(), |s| s.repin_hint()),
                 )
             }
-            Pin::FirstUse => (String::new(), String::new(), String::new()),
+            HostKeyPin::FirstUse => (String::new(), String::new(), String::new()),
         };
         AgentError::HostKeyMismatch {
             addr: addr.to_string(),
@@ -476,7 +476,7 @@ impl Agent {
         &self,
         addr: &str,
         login: &Login,
-        pin: &Pin,
+        pin: &HostKeyPin,
     ) -> Result<
         (
             client::Handle<AgentHandler>,
@@ -522,8 +522,8 @@ impl Agent {
         let drain = Drain::default();
         let handler = AgentHandler {
             pinned: match pin {
-                Pin::Given(k) | Pin::Stored(k) => Some(k.clone()),
-                Pin::FirstUse => None,
+                HostKeyPin::Given(k) | HostKeyPin::Stored(k) => Some(k.clone()),
+                HostKeyPin::FirstUse => None,
             },
             mismatch: mismatch.clone(),
             presented: presented.clone(),
@@ -592,6 +592,30 @@ impl Agent {
         )
     }
 
+    /// Keeps the key of a server that welcomed this agent on first contact,
+    /// saying loudly that this contact was not verified.
+    async fn first_use(&self, addr: &str, key: String) {
+        *self.pinned_here.lock().expect("poisoned") = Some(key.clone());
+        let Some(store) = &self.pin_store else { return };
+        let saved = store.save(&key, addr).await;
+        tracing::warn!(
+            server = addr,
+            host_key = %key,
+            pin = %store.describe(),
+            saved = saved.is_ok(),
+            "FIRST CONTACT WITH THE SERVER WAS NOT VERIFIED (trust on first use): nothing pinned its host key, \
+             so the key it presented is pinned from now on and a different one is refused; compare it with \
+             the fingerprint tower-server logs at start"
+        );
+        if let Err(e) = saved {
+            tracing::error!(
+                error = %format!("{e:#}"),
+                pin = %store.describe(),
+                "cannot keep the host-key pin; it holds only until this agent restarts"
+            );
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn established(
         &self,
@@ -601,7 +625,7 @@ impl Agent {
         inflight: Drain,
         cluster: &str,
         shutdown: &CancellationToken,
-        (pin, presented): (&Pin, Option<String>),
+        (pin, presented): (&HostKeyPin, Option<String>),
     ) -> Result<(), AgentError> {
         let channel = handle.channel_open_session().await?;
         channel.request_subsystem(true, CONTROL_SUBSYSTEM).await?;
@@ -631,7 +655,7 @@ impl Agent {
             }
             Err(e) => return Err(e.into()),
         }
-        if let (Pin::FirstUse, Some(key)) = (pin, presented) {
+        if let (HostKeyPin::FirstUse, Some(key)) = (pin, presented) {
             self.first_use(addr, key).await;
         }
         for name in &names {
@@ -877,32 +901,6 @@ impl client::Handler for AgentHandler {
         match reason {
             DisconnectReason::ReceivedDisconnect(_) => Ok(()),
             DisconnectReason::Error(e) => Err(e),
-        }
-    }
-}
-
-impl Agent {
-    /// Keeps the key of a server that welcomed this agent on first contact,
-    /// saying loudly that this contact was not verified.
-    async fn first_use(&self, addr: &str, key: String) {
-        *self.pinned_here.lock().expect("poisoned") = Some(key.clone());
-        let Some(store) = &self.pin_store else { return };
-        let saved = store.save(&key, addr).await;
-        tracing::warn!(
-            server = addr,
-            host_key = %key,
-            pin = %store.describe(),
-            saved = saved.is_ok(),
-            "FIRST CONTACT WITH THE SERVER WAS NOT VERIFIED (trust on first use): nothing pinned its host key, \
-             so the key it presented is pinned from now on and a different one is refused; compare it with \
-             the fingerprint tower-server logs at start"
-        );
-        if let Err(e) = saved {
-            tracing::error!(
-                error = %format!("{e:#}"),
-                pin = %store.describe(),
-                "cannot keep the host-key pin; it holds only until this agent restarts"
-            );
         }
     }
 }
