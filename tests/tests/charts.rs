@@ -258,6 +258,15 @@ fn helm_lint_is_clean_for_both_charts() {
                 "sshAddress={203.0.113.10:8080},kubesphere.listenHost=0.0.0.0",
             ],
         ),
+        (
+            "tower-server",
+            &[
+                "-f",
+                "tower-server/values-migrate.yaml",
+                "--set",
+                "sshAddress={ws://203.0.113.20:8080}",
+            ],
+        ),
         ("tower-agent", &[]),
         ("tower-agent", &["--set", "joinToken=tower1.abc.def"]),
         (
@@ -343,6 +352,25 @@ fn chart_settings_are_the_binaries_flags() {
                     &charts_dir().join(KS_VALUES).display().to_string(),
                     "--set",
                     "sshAddress={203.0.113.10:8080},kubesphere.listenHost=0.0.0.0",
+                    "--show-only",
+                    "templates/deployment.yaml",
+                ],
+            ),
+        ),
+        (
+            "tower-server",
+            template(
+                "tower-server",
+                "tower-server",
+                SERVER_NS,
+                &[
+                    "-f",
+                    &charts_dir()
+                        .join("tower-server/values-migrate.yaml")
+                        .display()
+                        .to_string(),
+                    "--set",
+                    "sshAddress={ws://203.0.113.20:8080}",
                     "--show-only",
                     "templates/deployment.yaml",
                 ],
@@ -1408,6 +1436,68 @@ fn charts_run_the_images_of_images_sh_read_only_as_its_user() {
     }
 }
 
+/// values-migrate.yaml: KubeSphere mode beside a running Go tower. Nothing of
+/// it is named like the Go tower's objects, its pods do not carry the labels
+/// the Go tower's `mc-` Services select, and the server adopts only marked
+/// Clusters, pointing their Services at exactly its pods' labels.
+#[test]
+fn migrate_values_render_beside_the_go_tower() {
+    let values = charts_dir()
+        .join("tower-server/values-migrate.yaml")
+        .display()
+        .to_string();
+    let manifest = template(
+        "tower-server",
+        "tower-server",
+        SERVER_NS,
+        &[
+            "-f",
+            &values,
+            "--set",
+            "sshAddress={ws://203.0.113.20:8080}",
+        ],
+    );
+    let docs = documents(&manifest);
+    assert!(
+        !docs.keys().any(|(_, name)| name == "tower"),
+        "an object named like the Go tower's: {:?}",
+        docs.keys().collect::<Vec<_>>()
+    );
+    let deployment = doc(&docs, "Deployment", "tower-server");
+    let pod_labels = string_map(&deployment["spec"]["template"]["metadata"]["labels"]);
+    assert_ne!(
+        pod_labels.get("app").map(String::as_str),
+        Some("tower"),
+        "the Go tower's mc- Services would select these pods"
+    );
+    let env = container_env(deployment);
+    assert_eq!(env["TOWER_KUBESPHERE"], "true");
+    assert_eq!(env["TOWER_KUBESPHERE_ADOPT"], "marked");
+    let selector: BTreeMap<String, String> = env["TOWER_KUBESPHERE_POD_SELECTOR"]
+        .split(',')
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap();
+            (k.to_string(), v.to_string())
+        })
+        .collect();
+    assert_eq!(
+        selector,
+        string_map(&deployment["spec"]["selector"]["matchLabels"]),
+        "moved Clusters' Services must select exactly this release's pods"
+    );
+    for (k, v) in &selector {
+        assert_eq!(pod_labels.get(k), Some(v), "pod label {k}");
+    }
+    let service = doc(&docs, "Service", "tower-server");
+    assert_eq!(service["spec"]["type"], "LoadBalancer");
+    assert!(grants(
+        doc(&docs, "Role", "tower-server"),
+        "",
+        "services",
+        "patch"
+    ));
+}
+
 #[test]
 fn default_values_render_no_kubesphere_bits() {
     let manifest = template("tower-server", "tower-server", SERVER_NS, &[]);
@@ -1824,7 +1914,10 @@ async fn readme_takeover_of_the_go_tower() {
         format!("ws://{LB_IP}:8080"),
         "ws://tower.example.com:8080".into(),
     ];
-    ctrl.kubesphere = Some(tower_server::kube::KubeSphereConfig { ports: 6000..=7000 });
+    ctrl.kubesphere = Some(tower_server::kube::KubeSphereConfig {
+        ports: 6000..=7000,
+        ..Default::default()
+    });
     ctrl.lease_renew = Duration::from_secs(1);
     ctrl.lease_duration = Duration::from_secs(4);
     let shutdown = CancellationToken::new();

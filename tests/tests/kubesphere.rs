@@ -45,7 +45,10 @@ async fn start_env() -> anyhow::Result<Env> {
     let host = clusters.pop().expect("host");
     let dir = tempfile::tempdir()?;
     let server = KubeTowerServer::start(&host, dir.path(), "tower-server-0", |c| {
-        c.kubesphere = Some(tower_server::kube::KubeSphereConfig { ports: PORTS });
+        c.kubesphere = Some(tower_server::kube::KubeSphereConfig {
+            ports: PORTS,
+            ..Default::default()
+        });
         c.resync = Duration::from_secs(20);
     })
     .await?;

@@ -33,8 +33,12 @@ Service. In KubeSphere mode exactly the labels KubeSphere's objects use: the
 app.kubernetes.io/name: tower`, and ks-installer's Go tower Deployment selects
 the same two, so its Service and mc- Services route to these pods unchanged.
 */}}
+{{- define "tower-server.kubesphereLabels" -}}
+{{- if and .Values.kubesphere.enabled (ne (toString .Values.kubesphere.adopt) "marked") -}}true{{- end -}}
+{{- end }}
+
 {{- define "tower-server.selectorLabels" -}}
-{{- if .Values.kubesphere.enabled -}}
+{{- if include "tower-server.kubesphereLabels" . -}}
 app: tower
 app.kubernetes.io/name: tower
 {{- else -}}
@@ -46,7 +50,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "tower-server.labels" -}}
 helm.sh/chart: {{ include "tower-server.chart" . }}
 {{ include "tower-server.selectorLabels" . }}
-{{- if .Values.kubesphere.enabled }}
+{{- if include "tower-server.kubesphereLabels" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}

@@ -79,6 +79,23 @@ struct Args {
     /// cluster's ks port is 10000 above its kube port.
     #[arg(long, env = "TOWER_KUBESPHERE_PORTS", default_value = "6000-7000", value_parser = parse_port_range)]
     kubesphere_ports: std::ops::RangeInclusive<u16>,
+    /// KubeSphere mode: which Clusters to take. `all`: every one KubeSphere's
+    /// tower would serve. `marked`: while a Go tower still serves this host,
+    /// only those `towerctl migrate` has annotated
+    /// `tower.kubesphere.io/served-by=tower-server`; the others are left to
+    /// the Go tower (their agents may connect, nothing of them is written).
+    #[arg(long, env = "TOWER_KUBESPHERE_ADOPT", default_value = "all")]
+    kubesphere_adopt: tower_server::kube::Adopt,
+    /// KubeSphere mode: the labels Services mc-<cluster> select this server's
+    /// pods by, KEY=VALUE,... (KubeSphere's tower pods carry the default; while
+    /// a Go tower runs, give this server's pods labels of their own).
+    #[arg(
+        long,
+        env = "TOWER_KUBESPHERE_POD_SELECTOR",
+        default_value = "app=tower,app.kubernetes.io/name=tower",
+        value_parser = parse_selector
+    )]
+    kubesphere_pod_selector: Selector,
     /// KubeSphere mode: the address the per-cluster listeners bind.
     #[arg(long, env = "TOWER_KUBESPHERE_LISTEN_HOST", default_value = "0.0.0.0")]
     kubesphere_listen_host: std::net::IpAddr,
@@ -165,6 +182,8 @@ async fn main() -> anyhow::Result<()> {
         if args.kubesphere {
             ctrl.kubesphere = Some(tower_server::kube::KubeSphereConfig {
                 ports: args.kubesphere_ports,
+                adopt: args.kubesphere_adopt,
+                pod_selector: args.kubesphere_pod_selector.0,
             });
         }
         return tower_server::run_listeners_with_kubernetes(
@@ -206,4 +225,29 @@ fn parse_port_range(s: &str) -> Result<std::ops::RangeInclusive<u16>, String> {
         ));
     }
     Ok(a..=b)
+}
+
+/// Labels as `KEY=VALUE,...`.
+#[derive(Clone, Debug)]
+struct Selector(Vec<(String, String)>);
+
+fn parse_selector(s: &str) -> Result<Selector, String> {
+    let labels = s
+        .split(',')
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .split_once('=')
+                .ok_or_else(|| format!("{l:?}: expected KEY=VALUE"))?;
+            let (k, v) = (k.trim(), v.trim());
+            if k.is_empty() {
+                return Err(format!("{l:?}: the label key is empty"));
+            }
+            Ok((k.to_string(), v.to_string()))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if labels.is_empty() {
+        return Err("at least one KEY=VALUE: a Service selecting every pod would be wrong".into());
+    }
+    Ok(Selector(labels))
 }

@@ -22,8 +22,8 @@ use tokio_util::sync::CancellationToken;
 use crate::{Server, ServerConfig};
 
 pub use controller::{
-    ControllerConfig, KS_PORT_OFFSET, KubeSphereConfig, POD_LABELS, SERVER_INFO_CONFIGMAP,
-    SERVICE_PREFIX, TOKEN_FIELD_MANAGER,
+    Adopt, ControllerConfig, KS_PORT_OFFSET, KubeSphereConfig, POD_LABELS, SERVED_BY_ANNOTATION,
+    SERVED_BY_TOWER_SERVER, SERVER_INFO_CONFIGMAP, SERVICE_PREFIX, TOKEN_FIELD_MANAGER, marked,
 };
 pub use identity::{CA_SECRET, HOST_KEY_SECRET};
 pub use tokens::{AGENT_TOKEN_ID, CLUSTER_TOKEN_ID, ClusterTokens, KubeTokenStore};

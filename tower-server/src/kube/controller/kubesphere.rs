@@ -17,6 +17,11 @@
 //!
 //! Every replica binds the per-cluster listeners for the ports a Cluster
 //! records ([`crate::gateway`]); only the leader writes.
+//!
+//! While a Go tower still serves the host ([`Adopt::Marked`]), a Cluster it
+//! serves is *held*: its agent may connect and its Agent object is written,
+//! but the Cluster, its Service and its ports are left to the Go tower until
+//! `towerctl migrate` marks it ([`SERVED_BY_ANNOTATION`]).
 
 use std::collections::BTreeSet;
 use std::ops::RangeInclusive;
@@ -42,23 +47,104 @@ pub const SERVICE_KUBE_PORT: u16 = 6443;
 /// Service port of the ks listener.
 pub const SERVICE_KS_PORT: u16 = 80;
 
+/// The annotation `towerctl migrate` puts on a Cluster it has moved from a Go
+/// tower to tower-server, with value [`SERVED_BY_TOWER_SERVER`].
+pub const SERVED_BY_ANNOTATION: &str = "tower.kubesphere.io/served-by";
+/// The value of [`SERVED_BY_ANNOTATION`] that hands a Cluster to tower-server.
+pub const SERVED_BY_TOWER_SERVER: &str = "tower-server";
+
+/// Which of the Clusters KubeSphere's tower would serve this server takes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Adopt {
+    /// Every one: no other tower serves this host.
+    #[default]
+    All,
+    /// Only those marked [`SERVED_BY_ANNOTATION`]`=`[`SERVED_BY_TOWER_SERVER`]:
+    /// a Go tower serves the rest while `towerctl migrate` moves them.
+    Marked,
+}
+
+impl Adopt {
+    /// As published in the server-info ConfigMap and taken by the flag.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Adopt::All => "all",
+            Adopt::Marked => "marked",
+        }
+    }
+}
+
+impl std::str::FromStr for Adopt {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "all" => Ok(Adopt::All),
+            "marked" => Ok(Adopt::Marked),
+            other => Err(format!("{other:?} is neither `all` nor `marked`")),
+        }
+    }
+}
+
 /// KubeSphere mode's settings.
 #[derive(Clone, Debug)]
 pub struct KubeSphereConfig {
     /// Where kube ports come from (ks ports are 10000 above).
     pub ports: RangeInclusive<u16>,
+    /// Which Clusters to take.
+    pub adopt: Adopt,
+    /// The labels the `mc-` Services select this server's pods by
+    /// ([`POD_LABELS`] unless the pods carry others while a Go tower runs).
+    pub pod_selector: Vec<(String, String)>,
 }
 
 impl Default for KubeSphereConfig {
     fn default() -> Self {
-        Self { ports: 6000..=7000 }
+        Self {
+            ports: 6000..=7000,
+            adopt: Adopt::All,
+            pod_selector: POD_LABELS
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+        }
     }
 }
 
-/// Whether KubeSphere mode serves `cluster` (already known to be a managed
-/// proxy Cluster): the ones KubeSphere's own tower serves.
-pub(super) fn served(ctx: &Ctx, cluster: &Cluster) -> bool {
+/// Whether `cluster` carries the mark that hands it to tower-server.
+pub fn marked(cluster: &Cluster) -> bool {
+    cluster
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(SERVED_BY_ANNOTATION))
+        .is_some_and(|v| v == SERVED_BY_TOWER_SERVER)
+}
+
+/// Whether KubeSphere mode listens for `cluster` (already known to be a
+/// managed proxy Cluster): the ones KubeSphere's own tower serves, held ones
+/// included, so that their `mc-` Service can be switched to this server
+/// before their Cluster is (KubeSphere's webhook admits the switch only
+/// through a kubeconfig that reaches the member then).
+pub(super) fn listens(ctx: &Ctx, cluster: &Cluster) -> bool {
     ctx.config.kubesphere.is_some() && cluster.joins_federation()
+}
+
+/// Whether KubeSphere mode writes `cluster`'s set-up: those it listens for,
+/// unless held.
+pub(super) fn served(ctx: &Ctx, cluster: &Cluster) -> bool {
+    listens(ctx, cluster) && !held(ctx, cluster)
+}
+
+/// Whether `cluster` is one a Go tower still serves: KubeSphere mode adopts
+/// only marked Clusters and this one (which KubeSphere's tower would serve)
+/// is not marked. Nothing of it is written but its Agent's status.
+pub(super) fn held(ctx: &Ctx, cluster: &Cluster) -> bool {
+    ctx.config
+        .kubesphere
+        .as_ref()
+        .is_some_and(|k| k.adopt == Adopt::Marked)
+        && cluster.joins_federation()
+        && !marked(cluster)
 }
 
 /// The ports the Cluster records, if both are there and valid.
@@ -96,6 +182,39 @@ pub(super) fn listener_hosts(ctx: &Ctx, cluster: &Cluster) -> Vec<String> {
     }
     hosts.extend(ctx.server.config().gateway_hosts.iter().cloned());
     hosts.into_iter().collect()
+}
+
+/// The kubeconfig this server would write into a held Cluster: its Agent's
+/// status carries it, for `towerctl migrate` to put into the Cluster together
+/// with the mark, in the one write KubeSphere's webhook admits once the
+/// Service reaches this server. `current` is kept while it is still good.
+pub(super) fn held_kubeconfig(ctx: &Ctx, cluster: &Cluster, current: Vec<u8>) -> Vec<u8> {
+    let Some(endpoint) = cluster
+        .spec
+        .connection
+        .as_ref()
+        .and_then(|c| c.kubernetes_api_endpoint.as_deref())
+        .filter(|e| !e.is_empty())
+    else {
+        return current;
+    };
+    if ctx
+        .server
+        .kubeconfig_still_good_at(&current, endpoint, ctx.config.renew_before)
+    {
+        return current;
+    }
+    match ctx.server.kubeconfig_at(
+        endpoint,
+        &cluster.name_any(),
+        ctx.config.client_cert_validity,
+    ) {
+        Ok(k) => k.into_bytes(),
+        Err(e) => {
+            tracing::warn!(cluster = %cluster.name_any(), error = %e, "cannot issue the held cluster's kubeconfig");
+            current
+        }
+    }
 }
 
 /// Every replica: binds the listeners for the ports the Cluster records.
@@ -278,6 +397,7 @@ async fn ensure_service(ctx: &Ctx, owner: &Cluster, ports: ClusterPorts) -> anyh
     let cluster = cluster.as_str();
     let api = Api::<Service>::namespaced(ctx.client.clone(), &ctx.config.namespace);
     let name = format!("{SERVICE_PREFIX}{cluster}");
+    let selector = pod_selector(ctx);
     let wanted = serde_json::json!({
         "apiVersion": "v1",
         "kind": "Service",
@@ -294,7 +414,7 @@ async fn ensure_service(ctx: &Ctx, owner: &Cluster, ports: ClusterPorts) -> anyh
             })]).unwrap_or_default(),
         },
         "spec": {
-            "selector": POD_LABELS.iter().map(|(k, v)| ((*k).to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+            "selector": selector.iter().map(|(k, v)| (k.clone(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
             "ports": [
                 { "name": "kubernetes", "protocol": "TCP", "port": SERVICE_KUBE_PORT, "targetPort": ports.kube },
                 { "name": "kubesphere", "protocol": "TCP", "port": SERVICE_KS_PORT, "targetPort": ports.ks },
@@ -303,10 +423,40 @@ async fn ensure_service(ctx: &Ctx, owner: &Cluster, ports: ClusterPorts) -> anyh
     });
     let existing = api.get_opt(&name).await?;
     if let Some(svc) = &existing
-        && service_matches(svc, ports)
+        && service_matches(svc, &selector, ports)
         && let Some(ip) = cluster_ip(svc)
     {
         return Ok(ip);
+    }
+    if let Some(svc) = &existing {
+        // Labels another writer (a Go tower) selected by would stay in an
+        // applied selector, which would then match no pod: the selector is
+        // replaced whole first, in one write, so it never selects nothing.
+        let extra: Vec<&String> = svc
+            .spec
+            .as_ref()
+            .and_then(|s| s.selector.as_ref())
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| !selector.iter().any(|(w, _)| w == *k))
+            .map(|(k, _)| k)
+            .collect();
+        if !extra.is_empty() {
+            let mut patch = serde_json::Map::new();
+            for (k, v) in &selector {
+                patch.insert(k.clone(), serde_json::json!(v));
+            }
+            for k in extra {
+                patch.insert(k.clone(), serde_json::Value::Null);
+            }
+            api.patch(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&serde_json::json!({ "spec": { "selector": patch } })),
+            )
+            .await?;
+            tracing::info!(%cluster, service = %name, "the cluster's Service now selects this server's pods only");
+        }
     }
     let svc = api
         .patch(
@@ -319,14 +469,22 @@ async fn ensure_service(ctx: &Ctx, owner: &Cluster, ports: ClusterPorts) -> anyh
     cluster_ip(&svc).ok_or_else(|| anyhow::anyhow!("Service {name} has no ClusterIP"))
 }
 
-fn service_matches(svc: &Service, ports: ClusterPorts) -> bool {
+/// The labels `mc-` Services select this server's pods by.
+fn pod_selector(ctx: &Ctx) -> Vec<(String, String)> {
+    ctx.config
+        .kubesphere
+        .as_ref()
+        .map(|k| k.pod_selector.clone())
+        .unwrap_or_else(|| KubeSphereConfig::default().pod_selector)
+}
+
+fn service_matches(svc: &Service, selector: &[(String, String)], ports: ClusterPorts) -> bool {
     let Some(spec) = &svc.spec else { return false };
-    let selector_ok = POD_LABELS.iter().all(|(k, v)| {
-        spec.selector
-            .as_ref()
-            .and_then(|s| s.get(*k))
-            .is_some_and(|x| x == v)
-    });
+    let current = spec.selector.clone().unwrap_or_default();
+    let selector_ok = current.len() == selector.len()
+        && selector
+            .iter()
+            .all(|(k, v)| current.get(k).is_some_and(|x| x == v));
     let port_ok = |port: u16, target: u16| {
         spec.ports.iter().flatten().any(|p| {
             p.port == i32::from(port)

@@ -68,7 +68,10 @@ pub const TOKEN_FIELD_MANAGER: &str = "tower-server-token";
 /// Name of the ConfigMap where the server publishes how agents reach it.
 pub const SERVER_INFO_CONFIGMAP: &str = "tower-server";
 
-pub use kubesphere::{KS_PORT_OFFSET, KubeSphereConfig, POD_LABELS, SERVICE_PREFIX};
+pub use kubesphere::{
+    Adopt, KS_PORT_OFFSET, KubeSphereConfig, POD_LABELS, SERVED_BY_ANNOTATION,
+    SERVED_BY_TOWER_SERVER, SERVICE_PREFIX, marked,
+};
 
 /// Controller settings.
 #[derive(Clone, Debug)]

@@ -97,7 +97,7 @@ fn on_cluster_event(ctx: &Ctx, event: watcher::Event<Cluster>) -> Vec<ObjectRef<
         .clusters
         .state()
         .iter()
-        .filter(|c| super::reconcile::managed(c) && super::kubesphere::served(ctx, c))
+        .filter(|c| super::reconcile::managed(c) && super::kubesphere::listens(ctx, c))
         .map(|c| c.name_any())
         .collect();
     ctx.server.retain_cluster_listeners(|c| served.contains(c));

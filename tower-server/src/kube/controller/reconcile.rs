@@ -44,7 +44,7 @@ pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Ac
         // A revoked or paused cluster is cut off before its condition says so.
         ctx.server.recheck_sessions(&name);
     }
-    if kubesphere::served(&ctx, &cluster) {
+    if kubesphere::listens(&ctx, &cluster) {
         // Every replica serves the listeners, whoever leads.
         kubesphere::ensure_listeners(&ctx, &cluster)?;
     } else {
@@ -67,6 +67,11 @@ pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Ac
 /// Cluster's conditions, so that a Cluster write KubeSphere's webhook refuses
 /// (the member unreachable) holds up nothing else.
 async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::Result<()> {
+    if kubesphere::held(ctx, cluster) {
+        // A Go tower serves it: only the Agent (tower's own object) says
+        // whether the agent is connected here, for `towerctl migrate`.
+        return write_held(ctx, cluster, agent).await;
+    }
     if connection::ensure_token(&ctx.client, cluster).await? {
         // The watch brings the updated object back for the rest.
         return Ok(());
@@ -137,6 +142,25 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
         );
     }
     written?;
+    Ok(())
+}
+
+/// The leader's one write for a held Cluster: its Agent's status.
+async fn write_held(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::Result<()> {
+    let Some(agent) = agent else { return Ok(()) };
+    let name = cluster.name_any();
+    let available = status::availability(&ctx.server, &ctx.config.replica, &name, agent.paused());
+    let session = ctx
+        .server
+        .registry()
+        .get(&name)
+        .filter(|_| available.connected)
+        .map(|s| status::SessionDetail::of(&s));
+    let old = agent.status.clone().unwrap_or_default();
+    let current = old.kubeconfig.clone().map(|k| k.0).unwrap_or_default();
+    let kubeconfig = kubesphere::held_kubeconfig(ctx, cluster, current);
+    let new = status::agent_status(old, &available, session, &ctx.config.replica, kubeconfig);
+    status::write_agent_status(&ctx.client, agent, new).await?;
     Ok(())
 }
 

@@ -21,7 +21,22 @@ fn data(server: &Server, config: &ControllerConfig) -> BTreeMap<String, String> 
         ("gatewayURL".to_string(), server.gateway_url().to_string()),
         ("ca.crt".to_string(), server.ca_pem().to_string()),
     ]
-    .into()
+    .into_iter()
+    .chain(config.kubesphere.iter().flat_map(|k| {
+        // `towerctl migrate` reads whether held Clusters are left alone and
+        // which pods their Services are to select.
+        let selector = k
+            .pod_selector
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        [
+            ("kubesphereAdopt".to_string(), k.adopt.as_str().to_string()),
+            ("kubespherePodSelector".to_string(), selector),
+        ]
+    }))
+    .collect()
 }
 
 /// Applies the ConfigMap (field manager `tower-server`) unless it already

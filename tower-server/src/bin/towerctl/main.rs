@@ -2,6 +2,8 @@
 //! revoke access. Against a host cluster (kubeconfig/context flags like
 //! kubectl), or, with `--state-dir`, against a standalone server's state.
 
+mod migrate;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -103,6 +105,12 @@ enum Command {
     },
     /// Standalone mode: list tokens (ids and state; never secrets).
     Tokens,
+    /// Move KubeSphere members from a running Go tower to tower-server, with
+    /// no hands on any member: installs tower-agent through each Cluster's
+    /// current kubeconfig, waits for its session, removes the Go agent and
+    /// switches the Cluster over. Needs tower-server with
+    /// --kubesphere-adopt=marked; safe to run again after an interruption.
+    Migrate(migrate::MigrateArgs),
     /// Print the CRDs generated from the Rust types (or write them into a directory).
     Crds {
         #[arg(long)]
@@ -154,6 +162,11 @@ fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
         _ => anyhow::bail!("bad TTL unit in {s:?}; use s, m, h or d"),
     };
     Ok(Duration::from_secs(secs))
+}
+
+/// A duration flag (`90s`, `5m`, ...).
+fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    parse_ttl(s)
 }
 
 fn check_name(cluster: &str) -> anyhow::Result<()> {
@@ -259,8 +272,10 @@ fn standalone(dir: &std::path::Path, command: Command) -> anyhow::Result<()> {
             )?;
             emit(output.as_deref(), "the kubeconfig", &rendered)?;
         }
-        Command::Join { .. } | Command::Status => {
-            anyhow::bail!("join and status work against the host cluster; drop --state-dir")
+        Command::Join { .. } | Command::Status | Command::Migrate(_) => {
+            anyhow::bail!(
+                "join, status and migrate work against the host cluster; drop --state-dir"
+            )
         }
         Command::Crds { .. } => unreachable!("handled before"),
     }
@@ -461,6 +476,7 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                 "revoked cluster {cluster}: its agent is paused and its token rotated; `towerctl join {cluster}` re-admits it"
             );
         }
+        Command::Migrate(m) => migrate::run(client, &args.namespace, m).await?,
         Command::Token { .. } | Command::Tokens => {
             anyhow::bail!("token and tokens work on a standalone server's state; pass --state-dir")
         }
