@@ -1,7 +1,8 @@
 //! Tests of the KubeSphere 3.4 stand-in itself (`tower_tests::testbed::kubesphere`), against a
 //! host and a member cluster of the test bed: the member ks-apiserver's JWT check, the
 //! dispatcher's forwarding (Host, Authorization, cluster segment, WebSocket) and its trust
-//! roots, the Cluster webhook's refusal, and the cluster controller's writes.
+//! roots, the Cluster webhook's refusal, the cluster controller's writes, the kube-proxy
+//! stand-ins (pods behind selectors, a proxy for kubectl), the Go tower and the kubelet.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,10 +18,11 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tower_tests::fixture::{self, HttpsUpstream, eventually};
 use tower_tests::testbed::kubesphere::{
     self, ClusterController, ClusterWebhook, ConsoleCluster, ControllerOptions, Dispatcher,
-    KUBESPHERE_NAMESPACE, MemberKs, MemberKsConfig, ServiceDialer, SyncOutcome,
-    TERMINAL_PATH_PREFIX, WHOAMI_PATH, WebhookOptions, clusters_api, mint_jwt,
+    GoTower, KUBESPHERE_NAMESPACE, MemberKs, MemberKsConfig, ServiceDialer, ServiceProxy,
+    SyncOutcome, TERMINAL_PATH_PREFIX, WHOAMI_PATH, WebhookOptions, clusters_api, kubeconfig_via,
+    mint_jwt,
 };
-use tower_tests::testbed::{ControlPlane, Testbed};
+use tower_tests::testbed::{ControlPlane, Kubelet, Testbed};
 
 const SECRET: &[u8] = b"kubesphere-jwt-secret-for-tests";
 /// The controller under test sees only its own Cluster (the host is shared by the tests).
@@ -925,4 +927,492 @@ async fn kubesphere_host_starts_and_stops_cleanly() {
             .unwrap()
             .is_none()
     );
+}
+
+// === pods behind selectors, the Go tower, the kubelet ===
+
+/// The tests that run a [`Kubelet`] on the member take turns: a kubelet runs every
+/// Deployment of the member's `kubesphere-system`, whoever created it.
+static KUBELET_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_dialer_leads_a_selector_to_its_pod() {
+    let env = env();
+    let host = env.host.client().await.unwrap();
+    let dialer = ServiceDialer::new(host.clone());
+    let ip = create_service(&host, "pods", &[(6443, 6101)]).await;
+    // No pod registered: the test bed's loopback, as before.
+    assert_eq!(
+        dialer.resolve(&ip, 6443).await.unwrap(),
+        SocketAddr::from(([127, 0, 0, 1], 6101))
+    );
+    // A clone shares the registry.
+    dialer.clone().add_pod(
+        &[("app", "tower"), ("tier", "go")],
+        "127.0.0.2".parse().unwrap(),
+    );
+    dialer.add_pod(&[("app", "other")], "127.0.0.3".parse().unwrap());
+    assert_eq!(
+        dialer.resolve(&ip, 6443).await.unwrap(),
+        SocketAddr::from(([127, 0, 0, 2], 6101))
+    );
+    let services = Api::<Service>::namespaced(host.clone(), KUBESPHERE_NAMESPACE);
+    let select = |selector: serde_json::Value| {
+        let services = services.clone();
+        async move {
+            services
+                .patch(
+                    "mc-pods",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(
+                        serde_json::json!({ "spec": { "selector": selector } }),
+                    ),
+                )
+                .await
+                .unwrap();
+        }
+    };
+    select(serde_json::json!({ "app": "other" })).await;
+    assert_eq!(
+        dialer.resolve(&ip, 6443).await.unwrap(),
+        SocketAddr::from(([127, 0, 0, 3], 6101))
+    );
+    // Every pair must match.
+    select(serde_json::json!({ "app": "tower", "tier": "rust" })).await;
+    let err = dialer.resolve(&ip, 6443).await.expect_err("no pod matches");
+    assert!(
+        err.to_string().contains(&format!(
+            "Service {KUBESPHERE_NAMESPACE}/mc-pods has no ready endpoints"
+        )),
+        "{err:#}"
+    );
+    dialer.remove_pod("127.0.0.3".parse().unwrap());
+    select(serde_json::json!({ "app": "tower", "tier": "go" })).await;
+    assert_eq!(
+        dialer.resolve(&ip, 6443).await.unwrap(),
+        SocketAddr::from(([127, 0, 0, 2], 6101))
+    );
+}
+
+/// A condition of a Cluster (as JSON), if present.
+fn condition<'a>(cluster: &'a serde_json::Value, type_: &str) -> Option<&'a serde_json::Value> {
+    cluster["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == type_)
+}
+
+/// KubeSphere 3.4's agent Deployment for `name` (kubesphere v3.4.1
+/// pkg/kapis/cluster/v1alpha1/handler.go ~184-253).
+fn go_agent_deployment(name: &str, token: &str) -> k8s_openapi::api::apps::v1::Deployment {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "cluster-agent", "namespace": KUBESPHERE_NAMESPACE },
+        "spec": {
+            "selector": { "matchLabels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
+            "template": {
+                "metadata": { "labels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
+                "spec": {
+                    "serviceAccountName": "kubesphere",
+                    "containers": [{
+                        "name": "agent",
+                        "image": "kubesphere/tower:v0.2.1",
+                        "command": [
+                            "/agent",
+                            format!("--name={name}"),
+                            format!("--token={token}"),
+                            "--proxy-server=http://192.0.2.10:8080",
+                            "--keepalive=10s",
+                            "--kubesphere-service=ks-apiserver.kubesphere-system.svc:80",
+                            "--kubernetes-service=kubernetes.default.svc:443",
+                            "--v=0",
+                        ],
+                    }],
+                },
+            },
+        },
+    }))
+    .unwrap()
+}
+
+/// kubectl `args` with the kubeconfig `yaml` (written to `dir`).
+async fn kubectl_with(dir: &std::path::Path, yaml: &str, args: &[&str]) -> anyhow::Result<String> {
+    static N: AtomicU64 = AtomicU64::new(0);
+    let file = dir.join(format!("kc-{}.yaml", N.fetch_add(1, Ordering::Relaxed)));
+    std::fs::write(&file, yaml).unwrap();
+    fixture::kubectl(&file, args, None).await
+}
+
+/// Whether `GET /version` over TLS at `addr`, verifying the server as `ip` with `ca_pem`, and
+/// with no credential, answers 200.
+async fn answers_version(addr: SocketAddr, ca_pem: &str, ip: &str) -> bool {
+    let attempt = async {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in tower_certs::parse_certs(ca_pem)? {
+            roots.add(cert)?;
+        }
+        let mut tls = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let stream = tokio_rustls::TlsConnector::from(Arc::new(tls))
+            .connect(
+                rustls::pki_types::ServerName::try_from(ip.to_string())?,
+                tcp,
+            )
+            .await?;
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        let req = hyper::Request::get("/version")
+            .header("host", format!("{ip}:6443"))
+            .body(Full::new(Bytes::new()))?;
+        anyhow::Ok(sender.send_request(req).await?.status().as_u16())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), attempt).await,
+        Ok(Ok(200))
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_tower_serves_a_member_while_its_go_agent_runs() {
+    tower_tests::testbed::install_crypto_provider();
+    let _turn = KUBELET_TURN.lock().await;
+    let env = env();
+    let host = env.host.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let dialer = ServiceDialer::new(host.clone());
+    let go = GoTower::start(
+        host.clone(),
+        dialer.clone(),
+        "127.0.0.2".parse().unwrap(),
+        KUBESPHERE_NAMESPACE,
+    )
+    .await
+    .unwrap();
+    let name = "go-towered";
+    ConsoleCluster::new(name, "admin")
+        .create(&host)
+        .await
+        .unwrap();
+    let port = tower_tests::testbed::free_port();
+    go.add_member(name, &env.member, port).await.unwrap();
+
+    // The one-time set-up, in one Update by `tower-go`.
+    let c = get_cluster(&host, name).await;
+    let conn = &c["spec"]["connection"];
+    assert_eq!(conn["kubernetesAPIServerPort"], port, "{c}");
+    assert_eq!(conn["kubesphereAPIServerPort"], port + 10_000, "{c}");
+    let token = conn["token"].as_str().unwrap().to_string();
+    assert_eq!(token.len(), 64, "{token}");
+    let svc = Api::<Service>::namespaced(host.clone(), KUBESPHERE_NAMESPACE)
+        .get(&format!("mc-{name}"))
+        .await
+        .unwrap();
+    let labels = svc.metadata.labels.clone().unwrap();
+    assert_eq!(labels["app"], format!("mc-{name}"));
+    assert_eq!(labels["app.kubernetes.io/name"], format!("mc-{name}"));
+    let spec = svc.spec.unwrap();
+    let selector = spec.selector.unwrap();
+    assert_eq!(
+        (
+            selector["app"].as_str(),
+            selector["app.kubernetes.io/name"].as_str()
+        ),
+        ("tower", "tower")
+    );
+    let ports: Vec<(String, i32)> = spec
+        .ports
+        .unwrap()
+        .into_iter()
+        .map(|p| (p.name.unwrap(), p.port))
+        .collect();
+    assert_eq!(
+        ports,
+        [("kubernetes".into(), 6443), ("kubesphere".into(), 80)]
+    );
+    let ip = spec.cluster_ip.unwrap();
+    assert_eq!(conn["kubernetesAPIEndpoint"], format!("https://{ip}:6443"));
+    assert_eq!(conn["kubesphereAPIEndpoint"], format!("http://{ip}:80"));
+    assert_eq!(
+        condition(&c, "Initialized").unwrap()["status"],
+        "True",
+        "{c}"
+    );
+    assert!(
+        c["metadata"]["managedFields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["manager"] == "tower-go"),
+        "{c}"
+    );
+    let writes = go.writes();
+    assert_eq!(writes.len(), 1, "{writes:?}");
+    assert_eq!(writes[0].what, "setup");
+    assert_eq!(
+        writes[0].result.as_deref(),
+        Ok(c["metadata"]["resourceVersion"].as_str().unwrap())
+    );
+    // The kube port leads to the Go tower's pod.
+    assert_eq!(
+        dialer.resolve(&ip, 6443).await.unwrap(),
+        SocketAddr::from(([127, 0, 0, 2], port))
+    );
+
+    // KubeSphere's agent Deployment in the member (ks-installer made its service account).
+    env.member
+        .service_account_token(KUBESPHERE_NAMESPACE, "kubesphere", true)
+        .await
+        .unwrap();
+    let deployments = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(
+        env.member.client().await.unwrap(),
+        KUBESPHERE_NAMESPACE,
+    );
+    deployments
+        .create(&PostParams::default(), &go_agent_deployment(name, &token))
+        .await
+        .unwrap();
+    let kubelet = Kubelet::start(&env.member, Some(go.clone()), dir.path())
+        .await
+        .unwrap();
+    let c = eventually(Duration::from_secs(15), || async {
+        let c = get_cluster(&host, name).await;
+        (condition(&c, "AgentAvailable")?["status"] == "True").then_some(c)
+    })
+    .await
+    .unwrap_or_else(|| panic!("AgentAvailable never True: {:?}", go.writes()));
+    let available = condition(&c, "AgentAvailable").unwrap();
+    assert_eq!(
+        available["message"],
+        "Agent has connected to proxy successfully."
+    );
+    assert_eq!(condition(&c, "Initialized").unwrap()["status"], "True");
+    assert!(kubelet.running("cluster-agent"));
+    assert!(go.serving(name));
+    let kubeconfig = {
+        use base64::Engine as _;
+        let b64 = c["spec"]["connection"]["kubeconfig"].as_str().unwrap();
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+    let parsed: serde_json::Value = yaml_serde::from_str(&kubeconfig).unwrap();
+    let entry = &parsed["clusters"][0]["cluster"];
+    assert_eq!(entry["server"], format!("https://{ip}:6443"));
+    assert_eq!(
+        entry["certificate-authority-data"],
+        tower_certs::base64(go.ca_pem().as_bytes())
+    );
+
+    // Real kubectl through kube-proxy, verifying the Go CA's certificate for the ClusterIP.
+    let proxy = ServiceProxy::start(dialer.clone(), &ip, 6443)
+        .await
+        .unwrap();
+    let via = kubeconfig_via(&kubeconfig, proxy.addr()).unwrap();
+    assert!(via.contains(&format!("https://{}", proxy.addr())), "{via}");
+    let uid = kubectl_with(
+        dir.path(),
+        &via,
+        &["get", "ns", "kube-system", "-o", "jsonpath={.metadata.uid}"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        uid, env.member_uid,
+        "the member, reached through the Go tower"
+    );
+    assert!(answers_version(proxy.addr(), go.ca_pem(), &ip).await);
+    // The Go tower's open proxy: no client certificate and a made-up token, still the
+    // member's admin.
+    let mut stranger: serde_json::Value = yaml_serde::from_str(&via).unwrap();
+    stranger["users"][0]["user"] = serde_json::json!({ "token": "made-up" });
+    let ns = kubectl_with(
+        dir.path(),
+        &yaml_serde::to_string(&stranger).unwrap(),
+        &["get", "ns", "-o", "name"],
+    )
+    .await
+    .unwrap();
+    assert!(ns.contains("namespace/kube-system"), "{ns}");
+
+    // The Go agent goes: its path stops answering, and AgentAvailable goes False.
+    let deleted = std::time::Instant::now();
+    deployments
+        .delete("cluster-agent", &Default::default())
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(5), || async {
+        (!answers_version(proxy.addr(), go.ca_pem(), &ip).await).then_some(())
+    })
+    .await
+    .expect("the Go tower's path still answers 5 s after the agent went");
+    eprintln!(
+        "the path stopped answering {:?} after the delete",
+        deleted.elapsed()
+    );
+    let c = eventually(Duration::from_secs(10), || async {
+        let c = get_cluster(&host, name).await;
+        (condition(&c, "AgentAvailable")?["status"] == "False").then_some(c)
+    })
+    .await
+    .unwrap_or_else(|| panic!("AgentAvailable never False: {:?}", go.writes()));
+    assert_eq!(
+        condition(&c, "AgentAvailable").unwrap()["message"],
+        "Agent has not connected to proxy."
+    );
+    assert!(!go.serving(name));
+    assert!(!kubelet.running("cluster-agent"));
+    let whats: Vec<(&str, bool)> = go
+        .writes()
+        .iter()
+        .map(|w| (w.what, w.result.is_ok()))
+        .collect();
+    assert_eq!(
+        whats,
+        [("setup", true), ("connected", true), ("disconnected", true)]
+    );
+    kubelet.stop();
+    go.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_runs_tower_agent_deployments() {
+    let _turn = KUBELET_TURN.lock().await;
+    let env = env();
+    let member = env.member.client().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The service account exists (whoever applies the Deployment creates it); no grant.
+    env.member
+        .service_account_token(KUBESPHERE_NAMESPACE, "agent-standin", false)
+        .await
+        .unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let bad_name = format!("Not_A_Cluster_{nanos}");
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "agent-standin", "namespace": KUBESPHERE_NAMESPACE },
+        "stringData": { "bad": bad_name, "good": "standin-member" },
+    }))
+    .unwrap();
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(member.clone(), KUBESPHERE_NAMESPACE)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let deployment = |name: &str, key: &str| -> k8s_openapi::api::apps::v1::Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": { "name": name, "namespace": KUBESPHERE_NAMESPACE },
+            "spec": {
+                "selector": { "matchLabels": { "app": name } },
+                "strategy": { "type": "Recreate" },
+                "template": {
+                    "metadata": { "labels": { "app": name } },
+                    "spec": {
+                        "serviceAccountName": "agent-standin",
+                        "terminationGracePeriodSeconds": 10,
+                        "containers": [{
+                            "name": "tower-agent",
+                            "image": "kubesphere/tower-agent:x",
+                            "args": ["--token=not-a-real-token", "--proxy-server=127.0.0.1:1", "--backoff-max=1"],
+                            "env": [
+                                { "name": "TOWER_CLUSTER_NAME", "valueFrom": {
+                                    "secretKeyRef": { "name": "agent-standin", "key": key } } },
+                            ],
+                        }],
+                    },
+                },
+            },
+        }))
+        .unwrap()
+    };
+    let deployments = Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(
+        member.clone(),
+        KUBESPHERE_NAMESPACE,
+    );
+    let pp = PostParams::default();
+    deployments
+        .create(&pp, &deployment("agent-crashing", "bad"))
+        .await
+        .unwrap();
+    deployments
+        .create(&pp, &deployment("agent-running", "good"))
+        .await
+        .unwrap();
+    let kubelet = Kubelet::start(&env.member, None, dir.path()).await.unwrap();
+
+    // The real binary, with the Secret's value in its environment: it refuses the name, exits,
+    // and is started again.
+    eventually(Duration::from_secs(120), || async {
+        (kubelet.restarts("agent-crashing") >= 2).then_some(())
+    })
+    .await
+    .expect("the crashing agent is restarted");
+    let log = std::fs::read_to_string(kubelet.log_path("agent-crashing", 1)).unwrap();
+    assert!(
+        log.contains(&format!(
+            "--name \"{bad_name}\" is not a valid cluster name"
+        )),
+        "{log}"
+    );
+    // The other one runs, trying to reach its server.
+    eventually(Duration::from_secs(30), || async {
+        kubelet.running("agent-running").then_some(())
+    })
+    .await
+    .expect("the agent runs");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(kubelet.running("agent-running"));
+    assert_eq!(kubelet.restarts("agent-running"), 0);
+
+    // A template change is a new pod (Recreate): a new log, restarts from zero.
+    deployments
+        .patch(
+            "agent-crashing",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({
+                "spec": { "template": { "metadata": { "annotations": { "rev": "2" } } } }
+            })),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), || async {
+        kubelet.log_path("agent-crashing", 2).exists().then_some(())
+    })
+    .await
+    .expect("a second pod");
+
+    // Scaled to 0: SIGTERM, and it is gone; deleted: likewise.
+    deployments
+        .patch(
+            "agent-running",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(serde_json::json!({ "spec": { "replicas": 0 } })),
+        )
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(10), || async {
+        (!kubelet.running("agent-running")).then_some(())
+    })
+    .await
+    .expect("scaled to 0: stopped");
+    let log = std::fs::read_to_string(kubelet.log_path("agent-running", 1)).unwrap();
+    assert!(!log.contains("container exited"), "{log}");
+    for name in ["agent-crashing", "agent-running"] {
+        deployments.delete(name, &Default::default()).await.unwrap();
+    }
+    eventually(Duration::from_secs(10), || async {
+        (!kubelet.running("agent-crashing") && kubelet.restarts("agent-crashing") == 0)
+            .then_some(())
+    })
+    .await
+    .expect("deleted: stopped");
+    kubelet.stop();
 }

@@ -6,7 +6,8 @@
 //! - [`FakeNode`] is a node of a cluster whose kubelet is kwok, for exec, logs, cp and
 //!   port-forward.
 //! - [`kubesphere`] is a KubeSphere 3.4 stand-in (dispatcher, member ks-apiserver, cluster
-//!   controller, webhook, kube-proxy) for tests of tower in KubeSphere mode.
+//!   controller, webhook, kube-proxy, the Go tower) for tests of tower in KubeSphere mode.
+//! - [`Kubelet`] runs a member's tower-agent and Go agent Deployments (there are no pods).
 //! - [`Process`] is a child process that cannot outlive the test process: it is killed on
 //!   drop, at exit, and (through `PR_SET_PDEATHSIG`) when the test process dies.
 //!
@@ -19,6 +20,7 @@
 
 mod bed;
 mod cluster;
+pub mod kubelet;
 pub mod kubesphere;
 mod kwok;
 mod probe;
@@ -31,6 +33,7 @@ use std::sync::{Mutex, Once, OnceLock};
 
 pub use bed::Testbed;
 pub use cluster::{ControlPlane, SERVICE_ACCOUNT_ISSUER};
+pub use kubelet::Kubelet;
 pub use kwok::{FakeNode, kwok_dir};
 pub use process::Process;
 

@@ -5,7 +5,12 @@
 //! real component, and every behaviour names the KubeSphere source it copies:
 //!
 //! - [`service_dialer`]: kube-proxy. Maps `<ClusterIP>:<port>` of a host Service to
-//!   `127.0.0.1:<targetPort>`, keeping the ClusterIP as the TLS server name.
+//!   `<pod IP>:<targetPort>` (`127.0.0.1` unless pods are registered), keeping the ClusterIP
+//!   as the TLS server name.
+//! - [`service_proxy`]: kube-proxy for a client process: a loopback port for one ClusterIP
+//!   port, resolved afresh for each connection.
+//! - [`go_tower`]: the Go tower v0.2.1's proxy (kubesphere/tower `pkg/proxy/proxy.go`): the
+//!   one-time set-up of a proxy Cluster, its open kube port and its Cluster writes.
 //! - [`dispatcher`]: the host ks-apiserver's multicluster dispatcher
 //!   (`pkg/apiserver/filters/multicluster.go`): `/{api,apis,kapis}/clusters/<c>/…` to the
 //!   cluster's `kubesphereAPIEndpoint`, caller's `Host` and `Authorization` kept.
@@ -25,9 +30,11 @@
 pub mod console;
 pub mod controller;
 pub mod dispatcher;
+pub mod go_tower;
 pub mod member_ks;
 mod relay;
 pub mod service_dialer;
+pub mod service_proxy;
 pub mod webhook;
 
 use std::path::Path;
@@ -41,10 +48,12 @@ pub use controller::{
     ClusterController, ControllerOptions, SyncOutcome, WriteCounts, remove_finalizer,
 };
 pub use dispatcher::{Dispatcher, cluster_of_path};
+pub use go_tower::{GoTower, GoWrite};
 pub use member_ks::{
     KsRequest, KubeUpstream, MemberKs, MemberKsConfig, TERMINAL_PATH_PREFIX, WHOAMI_PATH, mint_jwt,
 };
 pub use service_dialer::{Endpoint, ServiceDialer};
+pub use service_proxy::{ServiceProxy, kubeconfig_via};
 pub use webhook::{ClusterWebhook, WebhookOptions, WebhookReview};
 
 /// KubeSphere's own namespace, where tower's `mc-<cluster>` Services live.

@@ -1,10 +1,22 @@
 //! kube-proxy stand-in: the test bed runs no kube-proxy, so a Service's ClusterIP routes
 //! nowhere. [`ServiceDialer`] does what kube-proxy's DNAT does for a Service whose endpoints
-//! are on this machine: `<ClusterIP>:<port>` becomes `127.0.0.1:<targetPort>`, looked up in the
+//! are on this machine: `<ClusterIP>:<port>` becomes `<pod IP>:<targetPort>`, looked up in the
 //! host cluster's Services. The destination changes, nothing else: a TLS client still verifies
 //! the server as the ClusterIP (`tls-server-name`).
+//!
+//! The test bed has no pods either, so the dialer also keeps a registry of "pods" (labels and
+//! a loopback IP such as `127.0.0.2`, [`ServiceDialer::add_pod`]) standing in for the
+//! endpoints controller: a Service's selector picks the first registered pod whose labels
+//! contain all of it (kubernetes pkg/controller/endpointslice: the selector is
+//! `labels.Set(spec.selector)`, every pair must match), and a selector that matches no pod is
+//! refused as kube-proxy refuses a Service port without endpoints (kubernetes
+//! pkg/proxy/iptables/proxier.go: a `REJECT` rule, "has no endpoints"). A selector change
+//! takes effect for the next connection, as with kube-proxy. With no pod registered at all,
+//! every selector leads to `127.0.0.1`, where the test bed's in-process servers listen.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{Context as _, bail};
 use k8s_openapi::api::core::v1::Service;
@@ -14,9 +26,19 @@ use kube::config::{KubeConfigOptions, Kubeconfig};
 use tokio::net::TcpStream;
 
 /// Resolves and dials Service addresses of one host cluster as kube-proxy would.
+///
+/// Clones share one pod registry.
 #[derive(Clone)]
 pub struct ServiceDialer {
     host: kube::Client,
+    pods: Arc<Mutex<Vec<Pod>>>,
+}
+
+/// A registered "pod": its labels and its IP.
+#[derive(Clone, Debug)]
+struct Pod {
+    labels: BTreeMap<String, String>,
+    ip: IpAddr,
 }
 
 /// Where a URL's host and port lead.
@@ -35,14 +57,65 @@ pub struct Endpoint {
 impl ServiceDialer {
     /// A dialer that looks Services up through `host`, a client of the host cluster.
     pub fn new(host: kube::Client) -> Self {
-        Self { host }
+        Self {
+            host,
+            pods: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// Registers a ready pod with `labels` at `ip` (a loopback address the pod's servers
+    /// listen on), seen by every clone of this dialer. Pods are matched in the order added.
+    pub fn add_pod(&self, labels: &[(&str, &str)], ip: IpAddr) {
+        let labels = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.lock_pods().push(Pod { labels, ip });
+    }
+
+    /// Removes every registered pod at `ip` (the pod is gone).
+    pub fn remove_pod(&self, ip: IpAddr) {
+        self.lock_pods().retain(|p| p.ip != ip);
+    }
+
+    fn lock_pods(&self) -> std::sync::MutexGuard<'_, Vec<Pod>> {
+        self.pods.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The IP a Service with `selector` leads to: `127.0.0.1` when it has no selector or no
+    /// pod is registered, else the first registered pod the selector matches (all of its
+    /// key=value pairs), else an error (no ready endpoints).
+    fn endpoint_ip(
+        &self,
+        name: &str,
+        selector: Option<&BTreeMap<String, String>>,
+    ) -> anyhow::Result<IpAddr> {
+        let localhost = IpAddr::from(Ipv4Addr::LOCALHOST);
+        let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+            return Ok(localhost);
+        };
+        let pods = self.lock_pods();
+        if pods.is_empty() {
+            return Ok(localhost);
+        }
+        pods.iter()
+            .find(|pod| {
+                selector
+                    .iter()
+                    .all(|(k, v)| pod.labels.get(k).is_some_and(|l| l == v))
+            })
+            .map(|pod| pod.ip)
+            .with_context(|| format!("Service {name} has no ready endpoints"))
     }
 
     /// Where a connection to `host:port` goes.
     ///
-    /// - An IP that is some Service's ClusterIP: `127.0.0.1:<targetPort>` of the Service port
+    /// - An IP that is some Service's ClusterIP: `<pod IP>:<targetPort>` of the Service port
     ///   numbered `port` (a numeric targetPort; none means the same port), or an error when the
-    ///   Service has no such port (kube-proxy rejects it).
+    ///   Service has no such port (kube-proxy rejects it). The pod IP is that of the first
+    ///   registered pod the Service's selector matches ([`ServiceDialer::add_pod`]; an error
+    ///   when none does), or `127.0.0.1` when no pod is registered or the Service has no
+    ///   selector.
     /// - `<svc>.<ns>.svc[.cluster.local]`: that Service's ClusterIP, then as above.
     /// - `localhost` or any other IP: itself (routed normally, as kube-proxy leaves it).
     pub async fn resolve(&self, host: &str, port: u16) -> anyhow::Result<SocketAddr> {
@@ -111,7 +184,9 @@ impl ServiceDialer {
                 bail!("Service {name}: named targetPort {named} has no endpoint in the test bed")
             }
         };
-        Ok(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), target))
+        let selector = svc.spec.as_ref().and_then(|s| s.selector.as_ref());
+        let ip = self.endpoint_ip(&name, selector)?;
+        Ok(SocketAddr::new(ip, target))
     }
 
     /// The scheme, host, port and real destination of `url` (`http[s]://host[:port][/…]`).
