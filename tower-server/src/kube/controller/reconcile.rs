@@ -212,6 +212,63 @@ mod tests {
         mock.assert_quiet().await;
     }
 
+    /// Beside a Go tower (`Adopt::Marked`), an unmarked KubeSphere Cluster
+    /// gets one write: its Agent's status, carrying the kubeconfig for the
+    /// Cluster's endpoint. Marked, the Cluster's own set-up starts.
+    #[tokio::test]
+    async fn a_held_cluster_is_left_to_the_go_tower_until_marked() {
+        use crate::kube::controller::kubesphere::{
+            Adopt, KubeSphereConfig, SERVED_BY_ANNOTATION, SERVED_BY_TOWER_SERVER,
+        };
+        let agent = Agent::new("gondor", AgentSpec::default());
+        let (mock, mut ctx, _dir) = mock_ctx(true, vec![agent.clone()]);
+        Arc::get_mut(&mut ctx).unwrap().config.kubesphere = Some(KubeSphereConfig {
+            adopt: Adopt::Marked,
+            ..Default::default()
+        });
+        let mut cluster = proxy_cluster("gondor", Some("go-tower-token-0123456789"));
+        cluster.spec.join_federation = Some(true);
+        cluster
+            .spec
+            .connection
+            .as_mut()
+            .unwrap()
+            .kubernetes_api_endpoint = Some("https://10.233.0.7:6443".into());
+        let (action, ()) = tokio::join!(reconcile(Arc::new(cluster.clone()), ctx.clone()), async {
+            let status = mock.next().await;
+            status.assert_status_merge(
+                "/apis/tower.kubesphere.io/v1alpha1/agents/gondor/status",
+                None,
+            );
+            let kubeconfig = status.body["status"]["kubeconfig"].as_str().unwrap();
+            let kubeconfig = String::from_utf8(
+                base64::Engine::decode(&base64::engine::general_purpose::STANDARD, kubeconfig)
+                    .unwrap(),
+            )
+            .unwrap();
+            assert!(
+                kubeconfig.contains("server: https://10.233.0.7:6443"),
+                "{kubeconfig}"
+            );
+            status.reply(200, &agent);
+            mock.assert_quiet().await;
+        });
+        action.unwrap();
+        assert!(ctx.store.knows("gondor"), "its agent may connect");
+
+        cluster.metadata.annotations =
+            Some([(SERVED_BY_ANNOTATION.into(), SERVED_BY_TOWER_SERVER.into())].into());
+        let (_, ()) = tokio::join!(reconcile(Arc::new(cluster.clone()), ctx.clone()), async {
+            let write = mock.next().await;
+            assert_eq!(
+                (write.method.as_str(), write.path.as_str()),
+                ("PATCH", CLUSTER_PATH),
+                "a marked Cluster is set up (its ports first)"
+            );
+            write.reply(200, &cluster);
+        });
+    }
+
     #[tokio::test]
     async fn a_follower_mirrors_tokens_and_writes_nothing() {
         let (mock, ctx, _dir) = mock_ctx(false, Vec::new());
