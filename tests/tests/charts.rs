@@ -882,6 +882,26 @@ async fn server_runs_with_only_the_charts_rbac() {
             ],
             false,
         ),
+        // Membership: a Lease per replica, names known only at run time.
+        (
+            vec!["list", "leases.coordination.k8s.io", ns[0], ns[1]],
+            true,
+        ),
+        (
+            vec![
+                "patch",
+                "leases.coordination.k8s.io/tower-server-replica-x",
+                ns[0],
+                ns[1],
+            ],
+            true,
+        ),
+        (
+            vec!["list", "leases.coordination.k8s.io", "-n", "default"],
+            false,
+        ),
+        (vec!["create", "agents.tower.kubesphere.io"], true),
+        (vec!["delete", "agents.tower.kubesphere.io"], false),
         (vec!["patch", "configmaps/tower-server", ns[0], ns[1]], true),
         (vec!["patch", "configmaps/other", ns[0], ns[1]], false),
         (vec!["list", "pods", "-A"], false),

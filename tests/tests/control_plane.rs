@@ -749,6 +749,125 @@ async fn lease_elects_one_writer_and_fails_over() {
     );
 }
 
+/// Two replicas, the agent connected to the one that does not lead: every
+/// replica keeps a Lease of its own; the follower reports the session on the
+/// Agent and the leader says the Cluster is available, naming the follower.
+/// When the follower goes, its Lease goes with it and the leader says the
+/// agent is gone, though the Agent still names the follower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_on_a_follower_counts_and_its_loss_is_seen() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    use tower_proto::token::{Claims, JoinToken, Secret};
+    let env = env();
+    let host = env.bed.cluster("host-members").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let tune = |c: &mut tower_server::ControllerConfig| c.resync = Duration::from_secs(30);
+    let a = KubeTowerServer::start(&host, dir.path(), "replica-a", tune)
+        .await
+        .unwrap();
+    let b = KubeTowerServer::start(&host, dir.path(), "replica-b", tune)
+        .await
+        .unwrap();
+    let client = host.client().await.unwrap();
+    let leases: Api<Lease> = Api::namespaced(client.clone(), "kubesphere-system");
+    let leader = eventually(Duration::from_secs(15), || async {
+        leases
+            .get_opt("tower-server-leader")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|l| l.spec?.holder_identity)
+    })
+    .await
+    .expect("a leader");
+    let (follower, follower_name) = if leader == "replica-a" {
+        (&b, "replica-b")
+    } else {
+        (&a, "replica-a")
+    };
+    for replica in ["replica-a", "replica-b"] {
+        let lease = eventually(Duration::from_secs(15), || async {
+            leases
+                .get_opt(&format!("tower-server-{replica}"))
+                .await
+                .ok()
+                .flatten()
+        })
+        .await
+        .unwrap_or_else(|| panic!("no Lease of {replica}"));
+        assert_eq!(
+            lease.metadata.labels.unwrap()["tower.kubesphere.io/replica"],
+            replica
+        );
+        assert_eq!(
+            lease.spec.unwrap().holder_identity.as_deref(),
+            Some(replica)
+        );
+    }
+    let token = "follower0cluster0token0abcdefghijklmnop";
+    let clusters: Api<Cluster> = Api::all(client.clone());
+    clusters
+        .create(&PostParams::default(), &console_cluster("isengard", token))
+        .await
+        .unwrap();
+    let info = a.wait_published(&host).await.unwrap().data.unwrap();
+    let join = JoinToken {
+        claims: Claims {
+            servers: vec![follower.ssh_addr.to_string()],
+            host_key: info["hostKeyFingerprint"].clone(),
+            cluster: "isengard".into(),
+            id: "cluster".into(),
+            expires: None,
+        },
+        secret: Secret::new(token),
+    };
+    let _agent = spawn_agent(env, &join.encode(), "isengard-follower");
+    let agents: Api<tower_server::crd::Agent> = Api::all(client.clone());
+    let available = eventually(Duration::from_secs(30), || async {
+        let c = cluster(&client, "isengard").await?;
+        (c.condition("AgentAvailable")?.status == "True").then_some(c)
+    })
+    .await;
+    let Some(c) = available else {
+        panic!(
+            "isengard never available through the follower {follower_name}: Cluster {:?}\nAgent {:?}\nagent log:\n{}",
+            cluster(&client, "isengard").await.and_then(|c| c.status),
+            agents.get_opt("isengard").await,
+            read_log(&env.dir.path().join("isengard-follower.log"))
+        );
+    };
+    let cond = c.condition("AgentAvailable").unwrap();
+    assert!(
+        cond.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains(follower_name),
+        "{cond:?}"
+    );
+    let serving = eventually(Duration::from_secs(15), || async {
+        agents
+            .get_opt("isengard")
+            .await
+            .ok()??
+            .status?
+            .serving_replica
+    })
+    .await;
+    assert_eq!(serving.as_deref(), Some(follower_name));
+    // A quiet while: the leader does not take it back.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let c = cluster(&client, "isengard").await.unwrap();
+    assert_eq!(c.condition("AgentAvailable").unwrap().status, "True");
+
+    let stopped = Instant::now();
+    follower.stop();
+    wait_available(&client, "isengard", "False", Duration::from_secs(30)).await;
+    eprintln!(
+        "the follower stopped; the leader saw its agent gone in {:.2?}",
+        stopped.elapsed()
+    );
+}
+
 /// Starts the real agent binary with exactly the flags KubeSphere 3.4's agent
 /// Deployment gives the Go agent (`pkg/kapis/cluster/v1alpha1/handler.go`,
 /// `generateDefaultDeployment`), `--proxy-server` pointing at `proxy_server`.

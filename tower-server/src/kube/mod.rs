@@ -6,12 +6,14 @@
 //! - [`identity`]: the CA and SSH host key kept in Secrets.
 //! - [`KubeTokenStore`]: join tokens mirrored from proxy Clusters and Agents.
 //! - `controller`: keeps each proxy Cluster and its Agent in step with the
-//!   live sessions; `lease`: which replica writes.
+//!   live sessions; `lease`: which replica writes; [`membership`]: which
+//!   replicas are alive (a Lease each).
 
 mod controller;
 pub mod crd;
 mod identity;
 mod lease;
+pub mod membership;
 mod tokens;
 
 use std::sync::Arc;

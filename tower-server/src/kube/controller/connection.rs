@@ -24,6 +24,27 @@ pub(super) async fn ensure_token(client: &kube::Client, cluster: &Cluster) -> ku
     Ok(true)
 }
 
+/// Creates the Agent of a cluster that has none (server-side apply of its
+/// name only, field manager `tower-server`): the replica holding a session
+/// reports it there, for the leader and the other replicas to read.
+pub(super) async fn create_agent(client: &kube::Client, name: &str) -> kube::Result<()> {
+    let agent = serde_json::json!({
+        "apiVersion": "tower.kubesphere.io/v1alpha1",
+        "kind": "Agent",
+        "metadata": { "name": name },
+        "spec": {},
+    });
+    Api::<crate::kube::crd::Agent>::all(client.clone())
+        .patch(
+            name,
+            &kube::api::PatchParams::apply(FIELD_MANAGER),
+            &kube::api::Patch::Apply(&agent),
+        )
+        .await?;
+    tracing::info!(cluster = %name, "created the cluster's Agent, to report its session on");
+    Ok(())
+}
+
 /// Keeps the kubeconfig (fresh when its certificate nears expiry) and the
 /// endpoints in `spec.connection` (server-side apply, field manager
 /// `tower-server`); returns the kubeconfig.

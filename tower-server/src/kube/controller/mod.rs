@@ -59,6 +59,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::crd::{Agent, Cluster};
 use super::lease::{self, Leadership, LeaseConfig};
+use super::membership::{self, Members, MembershipConfig};
 use super::tokens::KubeTokenStore;
 use crate::Server;
 
@@ -94,6 +95,9 @@ pub struct ControllerConfig {
     /// KubeSphere mode: per-cluster ports, `mc-` Services and listeners for
     /// the Clusters KubeSphere's own tower serves.
     pub kubesphere: Option<KubeSphereConfig>,
+    /// Where other replicas reach this one (host:port), recorded in its
+    /// membership Lease.
+    pub peer_address: Option<String>,
 }
 
 impl ControllerConfig {
@@ -108,6 +112,7 @@ impl ControllerConfig {
             lease_duration: Duration::from_secs(15),
             lease_renew: Duration::from_secs(5),
             kubesphere: None,
+            peer_address: None,
         }
     }
 }
@@ -143,6 +148,8 @@ struct Ctx {
     store: Arc<KubeTokenStore>,
     config: ControllerConfig,
     leadership: Leadership,
+    /// The replicas alive, from their Leases.
+    members: Members,
     clusters: reflector::Store<Cluster>,
     agents: reflector::Store<Agent>,
     secrets: secrets::TokenRefSecrets,
@@ -203,6 +210,20 @@ pub async fn run(
         leadership.clone(),
         shutdown.clone(),
     ));
+    let members = Members::default();
+    let membership_task = tokio::spawn(membership::run(
+        client.clone(),
+        MembershipConfig {
+            namespace: config.namespace.clone(),
+            replica: config.replica.clone(),
+            peer_address: config.peer_address.clone(),
+            duration: config.lease_duration,
+            renew_every: config.lease_renew,
+        },
+        members.clone(),
+        leadership.clone(),
+        shutdown.clone(),
+    ));
     let (clusters, cluster_writer) = reflector::store::<Cluster>();
     let (agents, agent_writer) = reflector::store::<Agent>();
     let (triggers, trigger_rx) = futures::channel::mpsc::unbounded();
@@ -217,6 +238,7 @@ pub async fn run(
         store,
         config,
         leadership,
+        members,
         clusters: clusters.clone(),
         agents,
         backoff: Default::default(),
@@ -269,5 +291,6 @@ pub async fn run(
         let _ = task.await;
     }
     let _ = lease_task.await;
+    let _ = membership_task.await;
     Ok(())
 }

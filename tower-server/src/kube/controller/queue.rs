@@ -1,7 +1,7 @@
 //! What reconciles which Cluster, and when: the watch events, deletions (which
 //! never reach a reconcile), session changes and leadership.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::convert::Infallible;
 use std::sync::Arc;
 
@@ -196,12 +196,29 @@ fn changed_keys<V: PartialEq>(a: &BTreeMap<String, V>, b: &BTreeMap<String, V>) 
     out
 }
 
-/// While this replica leads: publishes the server info every resync, and
-/// reconciles every Cluster on becoming leader so that it catches up.
+/// While this replica leads: publishes the server info every resync,
+/// reconciles every Cluster on becoming leader so that it catches up, and
+/// those served by a replica whose Lease became valid or lapsed.
 pub(super) async fn leader_duties(ctx: Arc<Ctx>, triggers: Triggers, shutdown: CancellationToken) {
     let mut was_leader = false;
     let mut published: Option<tokio::time::Instant> = None;
+    let mut valid: BTreeSet<String> = BTreeSet::new();
     loop {
+        let now: BTreeSet<String> = ctx.members.valid().into_iter().collect();
+        if now != valid {
+            let changed: BTreeSet<&String> = now.symmetric_difference(&valid).collect();
+            for agent in ctx.agents.state() {
+                let serving = agent
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.serving_replica.as_ref());
+                if serving.is_some_and(|r| changed.contains(r)) {
+                    let _ = triggers.unbounded_send(ObjectRef::new(&agent.name_any()));
+                }
+            }
+            tracing::info!(replicas = ?now, "the replicas alive changed");
+            valid = now;
+        }
         let leader = ctx.leadership.is_leader();
         if leader && !was_leader {
             tracing::info!("leading: reconciling every cluster");

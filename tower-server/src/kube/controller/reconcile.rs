@@ -9,7 +9,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 
 use super::{Ctx, Error, connection, events, kubesphere, mirror, status};
-use crate::kube::crd::{Agent, Cluster};
+use crate::kube::crd::{Agent, CONDITION_CONNECTED, Cluster};
 
 /// How long a reconcile waits for the Agent store's first list, so that a
 /// Cluster is not judged without its Agent.
@@ -57,6 +57,8 @@ pub(super) async fn reconcile(cluster: Arc<Cluster>, ctx: Arc<Ctx>) -> Result<Ac
     }
     if ctx.leadership.is_leader() {
         write(&ctx, &cluster, agent.as_deref()).await?;
+    } else {
+        report(&ctx, &cluster, agent.as_deref()).await?;
     }
     ctx.backoff.reset(&name);
     Ok(Action::requeue(ctx.config.resync))
@@ -78,7 +80,14 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
     }
     let name = cluster.name_any();
     let paused = agent.is_some_and(Agent::paused);
-    let available = status::availability(&ctx.server, &ctx.config.replica, &name, paused);
+    let remote = remote_owner(ctx, &name, agent);
+    let available = status::availability(
+        &ctx.server,
+        &ctx.config.replica,
+        &name,
+        paused,
+        remote.as_deref(),
+    );
     events::on_availability(ctx, cluster, &available).await;
     let (connection, kubeconfig, initialized) = if kubesphere::served(ctx, cluster) {
         match kubesphere::setup(ctx, cluster, &available).await? {
@@ -94,7 +103,10 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
             connection::write_connection(&ctx.client, &ctx.server, &ctx.config, cluster).await?;
         (None, kubeconfig, None)
     };
-    if let Some(agent) = agent {
+    if let Some(agent) = agent
+        && remote.is_none()
+    {
+        // A session another replica holds is that replica's to report.
         let session = ctx
             .server
             .registry()
@@ -145,11 +157,79 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
     Ok(())
 }
 
+/// The replica other than this one that holds `cluster`'s session: the one
+/// the Agent's status names as serving it, connected, while its membership
+/// Lease is valid. `None` when this replica holds it.
+fn remote_owner(ctx: &Ctx, cluster: &str, agent: Option<&Agent>) -> Option<String> {
+    if ctx.server.registry().is_connected(cluster) {
+        return None;
+    }
+    let status = agent?.status.as_ref()?;
+    let owner = status.serving_replica.as_deref()?;
+    let connected = status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == CONDITION_CONNECTED && c.status == "True");
+    (owner != ctx.config.replica && connected && ctx.members.is_valid(owner))
+        .then(|| owner.to_string())
+}
+
+/// A follower's one job: what only it knows, its own session, on the Agent
+/// (creating the Agent if there is none), and that it holds it no more.
+async fn report(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::Result<()> {
+    let name = cluster.name_any();
+    let local = ctx.server.registry().is_connected(&name);
+    let Some(agent) = agent else {
+        if local {
+            connection::create_agent(&ctx.client, &name).await?;
+        }
+        return Ok(());
+    };
+    let old = agent.status.clone().unwrap_or_default();
+    let recorded_here = old.serving_replica.as_deref() == Some(ctx.config.replica.as_str())
+        && old
+            .conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_CONNECTED && c.status == "True");
+    if !local && !recorded_here {
+        return Ok(());
+    }
+    let available = status::availability(
+        &ctx.server,
+        &ctx.config.replica,
+        &name,
+        agent.paused(),
+        None,
+    );
+    let session = ctx
+        .server
+        .registry()
+        .get(&name)
+        .filter(|_| available.connected)
+        .map(|s| status::SessionDetail::of(&s));
+    let kubeconfig = old.kubeconfig.clone();
+    let mut new = status::agent_status(old, &available, session, &ctx.config.replica, Vec::new());
+    // The kubeconfig is the leader's to write.
+    new.kubeconfig = kubeconfig;
+    status::write_agent_status(&ctx.client, agent, new).await?;
+    Ok(())
+}
+
 /// The leader's one write for a held Cluster: its Agent's status.
 async fn write_held(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::Result<()> {
     let Some(agent) = agent else { return Ok(()) };
     let name = cluster.name_any();
-    let available = status::availability(&ctx.server, &ctx.config.replica, &name, agent.paused());
+    let available = status::availability(
+        &ctx.server,
+        &ctx.config.replica,
+        &name,
+        agent.paused(),
+        remote_owner(ctx, &name, Some(agent)).as_deref(),
+    );
+    if available.connected && !ctx.server.registry().is_connected(&name) {
+        // Another replica holds it and reports it.
+        return Ok(());
+    }
     let session = ctx
         .server
         .registry()

@@ -48,14 +48,22 @@ impl SessionDetail {
     }
 }
 
-/// `cluster`'s availability as served by `replica`.
+/// `cluster`'s availability: its session on `replica` (this one), or on
+/// `remote`, another replica whose valid Lease and own report on the Agent
+/// say it holds the session.
 pub(super) fn availability(
     server: &Server,
     replica: &str,
     cluster: &str,
     paused: bool,
+    remote: Option<&str>,
 ) -> Availability {
-    let connected = server.registry().is_connected(cluster);
+    let local = server.registry().is_connected(cluster);
+    let connected = local || remote.is_some();
+    let replica = match remote {
+        Some(r) if !local => r,
+        _ => replica,
+    };
     let (status, reason, message) = match (connected, paused) {
         (_, true) => (
             "False",
@@ -346,12 +354,22 @@ mod tests {
     #[test]
     fn availability_without_a_session_and_when_paused() {
         let (server, _dir) = test_server();
-        let gone = availability(&server, "tower-0", "gondor", false);
+        let gone = availability(&server, "tower-0", "gondor", false, None);
         assert_eq!(
             (gone.connected, gone.status, gone.reason),
             (false, "False", "AgentDisconnected")
         );
-        let paused = availability(&server, "tower-0", "gondor", true);
+        let paused = availability(&server, "tower-0", "gondor", true, None);
+        let elsewhere = availability(&server, "tower-0", "gondor", false, Some("tower-2"));
+        assert_eq!(
+            (elsewhere.connected, elsewhere.status, elsewhere.reason),
+            (true, "True", "AgentConnected")
+        );
+        assert!(
+            elsewhere.message.ends_with("replica tower-2"),
+            "{}",
+            elsewhere.message
+        );
         assert_eq!((paused.status, paused.reason), ("False", "AgentPaused"));
         assert_eq!(
             paused.message,
@@ -517,7 +535,7 @@ mod tests {
         let (server, _dir) = test_server();
         let gone = agent_status(
             first.clone(),
-            &availability(&server, "tower-0", "gondor", false),
+            &availability(&server, "tower-0", "gondor", false, None),
             None,
             "tower-0",
             b"kc".to_vec(),

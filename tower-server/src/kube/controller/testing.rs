@@ -258,6 +258,7 @@ pub(super) fn mock_ctx(
         store: Arc::new(KubeTokenStore::default()),
         config: super::ControllerConfig::new("kubesphere-system", "tower-0"),
         leadership,
+        members: Default::default(),
         clusters,
         agents: agent_store,
         backoff: Default::default(),
