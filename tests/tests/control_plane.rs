@@ -868,6 +868,148 @@ async fn a_session_on_a_follower_counts_and_its_loss_is_seen() {
     );
 }
 
+/// A tower-server replica as a process in Kubernetes mode against `host`
+/// (Leases of 4 s renewed every second); the process and its SSH port.
+async fn spawn_replica(host: &ControlPlane, dir: &Path, name: &str) -> (Process, u16) {
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd =
+        std::process::Command::new(fixture::workspace_bin("tower-server", "tower-server").unwrap());
+    cmd.args([
+        "--kubernetes",
+        "--namespace",
+        "kubesphere-system",
+        "--ssh-listen",
+        "127.0.0.1:0",
+        "--gateway-listen",
+        "127.0.0.1:0",
+        "--ops-listen",
+        "",
+        "--lease-duration",
+        "4",
+        "--lease-renew",
+        "1",
+        "--print-ports",
+    ])
+    .arg("--state-dir")
+    .arg(dir.join(name))
+    .env("KUBECONFIG", host.admin_kubeconfig())
+    .env("POD_NAME", name)
+    .env("RUST_LOG", "info");
+    let process = Process::spawn(name, cmd, &log).unwrap();
+    let port = eventually(Duration::from_secs(20), || async {
+        read_log(&log)
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ssh="))
+            .and_then(|p| p.parse().ok())
+    })
+    .await
+    .unwrap_or_else(|| panic!("{name} printed no ports:\n{}", read_log(&log)));
+    (process, port)
+}
+
+/// A replica that stops renewing its Lease (SIGSTOP: alive, half-open, its
+/// agent's session still open as far as anyone can tell) stops counting when
+/// the Lease lapses: the leader reads its cluster unavailable although the
+/// Agent still says that replica serves it; resumed, it counts again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_replica_lapses_with_its_lease() {
+    let env = env();
+    let host = env.bed.cluster("host-lapse").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tower-server/crds");
+    host.run_kubectl(
+        &["apply", "--server-side", "-f", &crds.display().to_string()],
+        None,
+    )
+    .await
+    .unwrap();
+    host.run_kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "crd/clusters.cluster.kubesphere.io",
+            "crd/agents.tower.kubesphere.io",
+        ],
+        None,
+    )
+    .await
+    .unwrap();
+    let _ = host
+        .run_kubectl(&["create", "namespace", "kubesphere-system"], None)
+        .await;
+    let client = host.client().await.unwrap();
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), "kubesphere-system");
+    let (mut leader, _) = spawn_replica(&host, dir.path(), "replica-p").await;
+    let holder = eventually(Duration::from_secs(20), || async {
+        leases
+            .get_opt("tower-server-leader")
+            .await
+            .ok()??
+            .spec?
+            .holder_identity
+    })
+    .await;
+    assert_eq!(holder.as_deref(), Some("replica-p"));
+    let (mut follower, ssh) = spawn_replica(&host, dir.path(), "replica-q").await;
+    let info = eventually(Duration::from_secs(20), || async {
+        Api::<ConfigMap>::namespaced(client.clone(), "kubesphere-system")
+            .get_opt("tower-server")
+            .await
+            .ok()??
+            .data
+    })
+    .await
+    .expect("server info published");
+    let token = "lapse0cluster0token0abcdefghijklmnopqr";
+    Api::<Cluster>::all(client.clone())
+        .create(&PostParams::default(), &console_cluster("fangorn", token))
+        .await
+        .unwrap();
+    let join = JoinToken {
+        claims: Claims {
+            servers: vec![format!("127.0.0.1:{ssh}")],
+            host_key: info["hostKeyFingerprint"].clone(),
+            cluster: "fangorn".into(),
+            id: "cluster".into(),
+            expires: None,
+        },
+        secret: Secret::new(token),
+    };
+    let _agent = spawn_agent(env, &join.encode(), "fangorn-follower");
+    let c = wait_available(&client, "fangorn", "True", Duration::from_secs(30)).await;
+    let message = c.condition("AgentAvailable").unwrap().message.clone();
+    assert!(
+        message.as_deref().unwrap_or_default().contains("replica-q"),
+        "{message:?}"
+    );
+
+    // SIGSTOP: nothing more from replica-q, its session not closed.
+    let stopped = Instant::now();
+    // SAFETY: a plain kill(2) on a child we spawned.
+    unsafe { libc::kill(follower.pid() as libc::pid_t, libc::SIGSTOP) };
+    wait_available(&client, "fangorn", "False", Duration::from_secs(20)).await;
+    let lapsed = stopped.elapsed();
+    let agent = Api::<Agent>::all(client.clone())
+        .get("fangorn")
+        .await
+        .unwrap()
+        .status
+        .unwrap();
+    eprintln!(
+        "replica-q paused; the leader read fangorn unavailable after {lapsed:.2?}; the Agent says {:?} serves it",
+        agent.serving_replica
+    );
+    assert!(
+        lapsed >= Duration::from_secs(2),
+        "unavailable before the Lease could lapse ({lapsed:?})"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(follower.pid() as libc::pid_t, libc::SIGCONT) };
+    follower.kill9();
+    leader.kill9();
+}
+
 /// Starts the real agent binary with exactly the flags KubeSphere 3.4's agent
 /// Deployment gives the Go agent (`pkg/kapis/cluster/v1alpha1/handler.go`,
 /// `generateDefaultDeployment`), `--proxy-server` pointing at `proxy_server`.

@@ -1101,7 +1101,7 @@ async fn go_tower_serves_a_member_while_its_go_agent_runs() {
     let port = tower_tests::testbed::free_port();
     go.add_member(name, &env.member, port).await.unwrap();
 
-    // The one-time set-up, in one Update by `tower-go`.
+    // The one-time set-up, in one Update by `proxy`.
     let c = get_cluster(&host, name).await;
     let conn = &c["spec"]["connection"];
     assert_eq!(conn["kubernetesAPIServerPort"], port, "{c}");
@@ -1147,7 +1147,7 @@ async fn go_tower_serves_a_member_while_its_go_agent_runs() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|m| m["manager"] == "tower-go"),
+            .any(|m| m["manager"] == "proxy"),
         "{c}"
     );
     let writes = go.writes();

@@ -55,6 +55,15 @@ struct Args {
     /// Namespace of the server's Secrets, Lease and info ConfigMap (Kubernetes mode).
     #[arg(long, env = "TOWER_NAMESPACE", default_value = "kubesphere-system")]
     namespace: String,
+    /// Kubernetes mode: how long a replica's Leases (the leader's, and its own
+    /// membership Lease) last unrenewed, in seconds. A replica that stops
+    /// renewing (killed, paused, cut off) no longer counts after it.
+    #[arg(long, env = "TOWER_LEASE_DURATION", default_value_t = 15, value_parser = clap::value_parser!(u64).range(2..))]
+    lease_duration: u64,
+    /// Kubernetes mode: how often the Leases are renewed, in seconds (less
+    /// than --lease-duration).
+    #[arg(long, env = "TOWER_LEASE_RENEW", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    lease_renew: u64,
     /// This replica's name (Kubernetes mode; the pod name).
     #[arg(long, env = "POD_NAME", default_value = "tower-server")]
     replica: String,
@@ -177,7 +186,15 @@ async fn main() -> anyhow::Result<()> {
         let client = kube::Client::try_default()
             .await
             .context("connecting to Kubernetes (in-cluster or $KUBECONFIG)")?;
+        anyhow::ensure!(
+            args.lease_renew < args.lease_duration,
+            "--lease-renew ({}s) must be shorter than --lease-duration ({}s)",
+            args.lease_renew,
+            args.lease_duration
+        );
         let mut ctrl = ControllerConfig::new(args.namespace, args.replica);
+        ctrl.lease_duration = Duration::from_secs(args.lease_duration);
+        ctrl.lease_renew = Duration::from_secs(args.lease_renew);
         ctrl.ssh_addresses = args.ssh_address;
         if args.kubesphere {
             ctrl.kubesphere = Some(tower_server::kube::KubeSphereConfig {

@@ -46,8 +46,10 @@ use tokio_util::sync::CancellationToken;
 use super::{ServiceDialer, clusters_api, relay};
 use crate::testbed::ControlPlane;
 
-/// The field manager of every write the stand-in makes, so `managedFields` tell them apart.
-pub const GO_TOWER_FIELD_MANAGER: &str = "tower-go";
+/// The field manager of every write the stand-in makes: the real v0.2.1 proxy's writes show
+/// up in `managedFields` as `proxy` (client-go's default, the binary's name; seen when it ran
+/// locally, docs/kubesphere-standin-check.md).
+pub const GO_TOWER_FIELD_MANAGER: &str = "proxy";
 /// The labels of the Go tower's pods (tower.yaml.j2 ~20-24), which the `mc-<cluster>`
 /// Services select (proxy.go ~418-421).
 pub const GO_TOWER_POD_LABELS: [(&str, &str); 2] =
