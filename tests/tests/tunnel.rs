@@ -1163,6 +1163,15 @@ async fn operations_endpoints_report_health_and_metrics() {
         "tower_server_tunnel_bytes_total{direction=\"from_agent\"}",
         "tower_server_channel_open_seconds_count ",
         "tower_server_gateway_responses_total{code=\"2xx\"}",
+        match fixture::test_transport() {
+            fixture::TestTransport::Ssh => {
+                "tower_server_agent_connections_total{transport=\"ssh\"}"
+            }
+            fixture::TestTransport::Ws => "tower_server_agent_connections_total{transport=\"ws\"}",
+            fixture::TestTransport::Wss => {
+                "tower_server_agent_connections_total{transport=\"wss\"}"
+            }
+        },
     ] {
         assert!(metrics.contains(want), "missing {want:?} in:\n{metrics}");
     }

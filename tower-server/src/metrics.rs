@@ -1,6 +1,7 @@
 //! Prometheus metrics of the server: sessions, tunnel channels, bytes through
 //! the tunnel, channel-open (dial) latency, authentication failures, gateway
-//! responses and requests refused for their share.
+//! responses and requests refused for their share, agent connections by
+//! transport.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -22,6 +23,13 @@ pub struct CodeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabel {
+    /// How the agent's connection came: `ssh` (raw SSH), `ws` or `wss`
+    /// (SSH inside a WebSocket, plain or over TLS).
+    pub transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ShareLabel {
     /// Which share was used up: `client` or `cluster`.
     pub share: &'static str,
@@ -37,6 +45,7 @@ pub struct Metrics {
     pub responses: Family<CodeLabel, Counter>,
     pub cluster_write_refusals: Counter,
     pub share_refusals: Family<ShareLabel, Counter>,
+    pub agent_connections: Family<TransportLabel, Counter>,
 }
 
 impl Metrics {
@@ -52,6 +61,7 @@ impl Metrics {
             responses: Family::default(),
             cluster_write_refusals: Counter::default(),
             share_refusals: Family::default(),
+            agent_connections: Family::default(),
         };
         tower_ops::register_metrics!(registry, "tower_server",
             "sessions": m.sessions => "Agent sessions connected",
@@ -61,8 +71,16 @@ impl Metrics {
             "auth_failures": m.auth_failures => "Refused agent authentications",
             "gateway_responses": m.responses => "Gateway responses by status class",
             "cluster_write_refusals": m.cluster_write_refusals => "Cluster updates refused by an admission webhook (KubeSphere refuses them while the member is unreachable)",
-            "share_refusals": m.share_refusals => "Requests refused with 429 because their client's or cluster's share of the tunnel was used up");
+            "share_refusals": m.share_refusals => "Requests refused with 429 because their client's or cluster's share of the tunnel was used up",
+            "agent_connections": m.agent_connections => "Agent connections that reached SSH, by transport (ssh, ws, wss)");
         m
+    }
+
+    /// Counts an agent connection that reached SSH over `transport`.
+    pub fn agent_connection(&self, transport: &'static str) {
+        self.agent_connections
+            .get_or_create(&TransportLabel { transport })
+            .inc();
     }
 
     pub fn response(&self, status: u16) {

@@ -99,6 +99,7 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = socket.set_nodelay(true);
+        shared.metrics.agent_connection("ssh");
         let deadline = tokio::time::Instant::now() + shared.config.ssh_auth_timeout;
         shared.tasks.spawn(connection(
             shared.clone(),

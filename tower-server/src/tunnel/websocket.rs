@@ -55,13 +55,18 @@ async fn accept(
     let cut = slots.1.cut.clone();
     let handshake = async {
         let mut first = [0u8; 1];
-        let io: BoxIo = if socket.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE {
+        let tls = socket.peek(&mut first).await? == 1 && first[0] == TLS_HANDSHAKE;
+        let io: BoxIo = if tls {
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.agent_tls.clone());
             Box::new(acceptor.accept(socket).await?)
         } else {
             Box::new(socket)
         };
-        WebSocket.accept(io).await
+        let io = WebSocket.accept(io).await?;
+        shared
+            .metrics
+            .agent_connection(if tls { "wss" } else { "ws" });
+        Ok::<_, tower_proto::transport::TransportError>(io)
     };
     let io = tokio::select! {
         r = tokio::time::timeout_at(deadline, handshake) => match r {
