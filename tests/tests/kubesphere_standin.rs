@@ -1002,40 +1002,6 @@ fn condition<'a>(cluster: &'a serde_json::Value, type_: &str) -> Option<&'a serd
         .find(|c| c["type"] == type_)
 }
 
-/// KubeSphere 3.4's agent Deployment for `name` (kubesphere v3.4.1
-/// pkg/kapis/cluster/v1alpha1/handler.go ~184-253).
-fn go_agent_deployment(name: &str, token: &str) -> k8s_openapi::api::apps::v1::Deployment {
-    serde_json::from_value(serde_json::json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": "cluster-agent", "namespace": KUBESPHERE_NAMESPACE },
-        "spec": {
-            "selector": { "matchLabels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
-            "template": {
-                "metadata": { "labels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
-                "spec": {
-                    "serviceAccountName": "kubesphere",
-                    "containers": [{
-                        "name": "agent",
-                        "image": "kubesphere/tower:v0.2.1",
-                        "command": [
-                            "/agent",
-                            format!("--name={name}"),
-                            format!("--token={token}"),
-                            "--proxy-server=http://192.0.2.10:8080",
-                            "--keepalive=10s",
-                            "--kubesphere-service=ks-apiserver.kubesphere-system.svc:80",
-                            "--kubernetes-service=kubernetes.default.svc:443",
-                            "--v=0",
-                        ],
-                    }],
-                },
-            },
-        },
-    }))
-    .unwrap()
-}
-
 /// kubectl `args` with the kubeconfig `yaml` (written to `dir`).
 async fn kubectl_with(dir: &std::path::Path, yaml: &str, args: &[&str]) -> anyhow::Result<String> {
     static N: AtomicU64 = AtomicU64::new(0);
@@ -1173,7 +1139,10 @@ async fn go_tower_serves_a_member_while_its_go_agent_runs() {
         KUBESPHERE_NAMESPACE,
     );
     deployments
-        .create(&PostParams::default(), &go_agent_deployment(name, &token))
+        .create(
+            &PostParams::default(),
+            &kubesphere::go_agent_deployment(name, &token),
+        )
         .await
         .unwrap();
     let kubelet = Kubelet::start(&env.member, Some(go.clone()), dir.path())

@@ -116,38 +116,9 @@ async fn go_member(
     }
 }
 
-/// KubeSphere 3.4's agent Deployment for `name` (pkg/kapis/cluster/v1alpha1/handler.go,
-/// `generateDefaultDeployment`), applied in the member.
+/// KubeSphere 3.4's agent Deployment for `name`, applied in the member.
 async fn apply_go_agent(plane: &ControlPlane, name: &str, token: &str) {
-    let d = serde_json::json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": { "name": "cluster-agent", "namespace": KUBESPHERE_NAMESPACE },
-        "spec": {
-            "selector": { "matchLabels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
-            "template": {
-                "metadata": { "labels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
-                "spec": {
-                    "serviceAccountName": "kubesphere",
-                    "containers": [{
-                        "name": "agent",
-                        "image": "kubesphere/tower:v0.2.1",
-                        "command": [
-                            "/agent",
-                            format!("--name={name}"),
-                            format!("--token={token}"),
-                            "--proxy-server=http://192.0.2.10:8080",
-                            "--keepalive=10s",
-                            "--kubesphere-service=ks-apiserver.kubesphere-system.svc:80",
-                            "--kubernetes-service=kubernetes.default.svc:443",
-                            "--v=0",
-                        ],
-                    }],
-                },
-            },
-        },
-    });
-    let d: Deployment = serde_json::from_value(d).unwrap();
+    let d = kubesphere::go_agent_deployment(name, token);
     Api::<Deployment>::namespaced(plane.client().await.unwrap(), KUBESPHERE_NAMESPACE)
         .create(&PostParams::default(), &d)
         .await

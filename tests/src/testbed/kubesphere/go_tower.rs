@@ -828,3 +828,37 @@ fn same_service_spec(existing: &Service, wanted: &serde_json::Value) -> anyhow::
     };
     Ok(have["selector"] == wanted["selector"] && ports(&have) == ports(wanted))
 }
+
+/// KubeSphere 3.4's agent Deployment for `name` (kubesphere v3.4.1
+/// pkg/kapis/cluster/v1alpha1/handler.go ~184-253).
+pub fn go_agent_deployment(name: &str, token: &str) -> k8s_openapi::api::apps::v1::Deployment {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": { "name": "cluster-agent", "namespace": super::KUBESPHERE_NAMESPACE },
+        "spec": {
+            "selector": { "matchLabels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
+            "template": {
+                "metadata": { "labels": { "app": "agent", "app.kubernetes.io/part-of": "tower" } },
+                "spec": {
+                    "serviceAccountName": "kubesphere",
+                    "containers": [{
+                        "name": "agent",
+                        "image": "kubesphere/tower:v0.2.1",
+                        "command": [
+                            "/agent",
+                            format!("--name={name}"),
+                            format!("--token={token}"),
+                            "--proxy-server=http://192.0.2.10:8080",
+                            "--keepalive=10s",
+                            "--kubesphere-service=ks-apiserver.kubesphere-system.svc:80",
+                            "--kubernetes-service=kubernetes.default.svc:443",
+                            "--v=0",
+                        ],
+                    }],
+                },
+            },
+        },
+    }))
+    .unwrap()
+}

@@ -48,7 +48,7 @@ pub use controller::{
     ClusterController, ControllerOptions, SyncOutcome, WriteCounts, remove_finalizer,
 };
 pub use dispatcher::{Dispatcher, cluster_of_path};
-pub use go_tower::{GoTower, GoWrite};
+pub use go_tower::{GoTower, GoWrite, go_agent_deployment};
 pub use member_ks::{
     KsRequest, KubeUpstream, MemberKs, MemberKsConfig, TERMINAL_PATH_PREFIX, WHOAMI_PATH, mint_jwt,
 };

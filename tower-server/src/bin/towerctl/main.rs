@@ -164,6 +164,31 @@ fn parse_ttl(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
+/// The agents' server addresses and the host key fingerprint tower-server
+/// published in its ConfigMap, for a join token.
+fn published_agent_access(
+    info: &std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<(Vec<String>, String)> {
+    let servers: Vec<String> = info
+        .get("sshAddresses")
+        .map(|s| {
+            s.split(',')
+                .filter(|a| !a.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    anyhow::ensure!(
+        !servers.is_empty(),
+        "tower-server published no address for agents; set --ssh-address on it"
+    );
+    let host_key = info
+        .get("hostKeyFingerprint")
+        .cloned()
+        .context("tower-server published no host key fingerprint")?;
+    Ok((servers, host_key))
+}
+
 /// A duration flag (`90s`, `5m`, ...).
 fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     parse_ttl(s)
@@ -325,23 +350,7 @@ async fn kubernetes(args: &Args) -> anyhow::Result<()> {
                         args.namespace, args.namespace
                     )
                 })?;
-            let servers: Vec<String> = info
-                .get("sshAddresses")
-                .map(|s| {
-                    s.split(',')
-                        .filter(|a| !a.is_empty())
-                        .map(str::to_string)
-                        .collect()
-                })
-                .unwrap_or_default();
-            anyhow::ensure!(
-                !servers.is_empty(),
-                "tower-server published no SSH address; set --ssh-address on it"
-            );
-            let host_key = info
-                .get("hostKeyFingerprint")
-                .cloned()
-                .context("no host key fingerprint published")?;
+            let (servers, host_key) = published_agent_access(&info)?;
             let existing = clusters.get_opt(cluster).await?;
             if let Some(c) = &existing {
                 anyhow::ensure!(

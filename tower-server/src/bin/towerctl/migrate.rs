@@ -218,23 +218,7 @@ async fn server_info(host: &Client, namespace: &str) -> anyhow::Result<ServerInf
              start it with --kubesphere --kubesphere-adopt=marked"
         ),
     }
-    let servers: Vec<String> = data
-        .get("sshAddresses")
-        .map(|s| {
-            s.split(',')
-                .filter(|a| !a.is_empty())
-                .map(str::to_string)
-                .collect()
-        })
-        .unwrap_or_default();
-    anyhow::ensure!(
-        !servers.is_empty(),
-        "tower-server published no address for agents; set --ssh-address on it"
-    );
-    let host_key = data
-        .get("hostKeyFingerprint")
-        .cloned()
-        .context("tower-server published no host key fingerprint")?;
+    let (servers, host_key) = super::published_agent_access(&data)?;
     let pod_selector: Vec<(String, String)> = data
         .get("kubespherePodSelector")
         .map(|s| {
