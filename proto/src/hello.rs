@@ -47,6 +47,11 @@ pub struct Welcome {
     /// The capabilities the server will use with this agent.
     #[serde(default)]
     pub capabilities: Vec<String>,
+    /// Which server replica welcomed the agent (its pod name in Kubernetes
+    /// mode), so that the agent can say where it is connected; absent from
+    /// older servers.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub server_id: String,
 }
 
 /// Sent instead of a [`Welcome`] when the server refuses the agent.
@@ -200,6 +205,22 @@ mod tests {
             refused: "no".into(),
         });
         assert_eq!(decode_line::<Reply>(&encode_line(&r)).unwrap(), r);
+    }
+
+    #[test]
+    fn the_welcome_names_its_server_and_reads_without_one() {
+        let w = Welcome {
+            server_id: "tower-server-7c9f".into(),
+            ..Default::default()
+        };
+        let line = encode_line(&Reply::Welcome(w.clone()));
+        assert!(String::from_utf8_lossy(&line).contains("\"server_id\":\"tower-server-7c9f\""));
+        // An older server's welcome has no server_id.
+        let old = br#"{"protocol":{"major":1,"minor":0},"server_version":"0.1.0","keepalive_interval_ms":10000,"keepalive_max":3}"#;
+        match decode_line::<Reply>(old).unwrap() {
+            Reply::Welcome(w) => assert_eq!(w.server_id, ""),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

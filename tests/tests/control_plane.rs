@@ -983,6 +983,9 @@ async fn a_paused_replica_lapses_with_its_lease() {
         message.as_deref().unwrap_or_default().contains("replica-q"),
         "{message:?}"
     );
+    // The welcome named the replica that took the agent.
+    let agent_log = read_log(&env.dir.path().join("fangorn-follower.log"));
+    assert!(agent_log.contains("server_id=replica-q"), "{agent_log}");
 
     // SIGSTOP: nothing more from replica-q, its session not closed.
     let stopped = Instant::now();

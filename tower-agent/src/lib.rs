@@ -641,10 +641,12 @@ impl Agent {
         let mut control = BufReader::new(channel.into_stream());
         hello::write_message(control.get_mut(), &hello).await?;
         let ended_reason = || ended.lock().expect("poisoned").clone();
+        let server_id = &mut String::new();
         match hello::read_message::<Reply, _>(&mut control, WELCOME_TIMEOUT).await {
             Ok(Reply::Welcome(w)) => {
                 ProtocolVersion::CURRENT.check_peer(w.protocol)?;
-                tracing::debug!(server_version = %w.server_version, "welcomed");
+                tracing::debug!(server_version = %w.server_version, server_id = %w.server_id, "welcomed");
+                *server_id = w.server_id;
             }
             Ok(Reply::Refusal(r)) => return Err(AgentError::Refused(r.refused)),
             // The connection ended (the server's goodbye says why) or said nothing.
@@ -664,7 +666,7 @@ impl Agent {
                 .await
                 .map_err(|e| AgentError::Refused(format!("forwarding {name} refused: {e}")))?;
         }
-        tracing::info!(server = addr, %cluster, upstreams = ?names, "tunnel established");
+        tracing::info!(server = addr, %server_id, %cluster, upstreams = ?names, "tunnel established");
         self.state.send_replace(AgentState::Connected {
             server: addr.to_string(),
         });

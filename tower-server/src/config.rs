@@ -14,6 +14,9 @@ pub struct ServerConfig {
     pub gateway_url: String,
     /// DNS names and IPs for the gateway's serving certificate.
     pub gateway_hosts: Vec<String>,
+    /// This server's name in the welcome agents get (the replica's pod name
+    /// in Kubernetes mode).
+    pub server_id: String,
     /// Keepalive interval towards agents (and advertised to them).
     pub keepalive_interval: Duration,
     /// Unanswered keepalives before an agent is declared dead.
@@ -64,6 +67,7 @@ impl ServerConfig {
             state_dir: state_dir.into(),
             gateway_url: gateway_url.into(),
             gateway_hosts: vec!["localhost".into(), "127.0.0.1".into()],
+            server_id: "tower-server".into(),
             keepalive_interval: Duration::from_secs(10),
             keepalive_max: 3,
             store_poll: Duration::from_secs(1),

@@ -71,6 +71,16 @@ pub(crate) async fn websocket_vs_ssh(
             format!("≤ {GOAL:.2}"),
             Some(ratio <= GOAL),
         );
+        // The tail, reported beside the goal (not judged: the issue sets none).
+        let (base_p99, p99) = (percentile(&gets[0], 0.99), percentile(&gets[i], 0.99));
+        report.row(
+            format!("transport: small GET p99, {base} → {name}"),
+            ms(base_p99),
+            ms(p99),
+            Some(p99.as_secs_f64() / base_p99.as_secs_f64().max(1e-9)),
+            "reported".to_string(),
+            None,
+        );
         let rate = median_f64(lists[i].clone());
         let ratio = rate / base_list;
         report.row(

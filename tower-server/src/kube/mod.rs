@@ -52,13 +52,15 @@ pub async fn run(
 
 /// Like [`run`], with every listener the server may have.
 pub async fn run_with(
-    config: ServerConfig,
+    mut config: ServerConfig,
     controller_config: ControllerConfig,
     client: kube::Client,
     listeners: crate::Listeners,
     ops: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Agents are told which replica welcomed them.
+    config.server_id = controller_config.replica.clone();
     identity::sync(&client, &controller_config.namespace, &config.state_dir).await?;
     let store = Arc::new(KubeTokenStore::default());
     let server = Server::with_store(config, store.clone())?;

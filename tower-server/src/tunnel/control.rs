@@ -54,6 +54,7 @@ pub(super) async fn serve(
             keepalive_interval_ms: shared.config.keepalive_interval.as_millis() as u64,
             keepalive_max: shared.config.keepalive_max as u32,
             capabilities: vec![CAP_H2.to_string()],
+            server_id: shared.config.server_id.clone(),
         }),
         Err(why) => Reply::Refusal(Refusal {
             refused: why.to_string(),
