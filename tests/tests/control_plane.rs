@@ -916,27 +916,7 @@ async fn a_paused_replica_lapses_with_its_lease() {
     let env = env();
     let host = env.bed.cluster("host-lapse").await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let crds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/tower-server/crds");
-    host.run_kubectl(
-        &["apply", "--server-side", "-f", &crds.display().to_string()],
-        None,
-    )
-    .await
-    .unwrap();
-    host.run_kubectl(
-        &[
-            "wait",
-            "--for=condition=Established",
-            "crd/clusters.cluster.kubesphere.io",
-            "crd/agents.tower.kubesphere.io",
-        ],
-        None,
-    )
-    .await
-    .unwrap();
-    let _ = host
-        .run_kubectl(&["create", "namespace", "kubesphere-system"], None)
-        .await;
+    fixture::kube::prepare_host(&host).await.unwrap();
     let client = host.client().await.unwrap();
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
         Api::namespaced(client.clone(), "kubesphere-system");

@@ -107,12 +107,7 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
         && remote.is_none()
     {
         // A session another replica holds is that replica's to report.
-        let session = ctx
-            .server
-            .registry()
-            .get(&name)
-            .filter(|_| available.connected)
-            .map(|s| status::SessionDetail::of(&s));
+        let session = local_session(ctx, &name, &available);
         let new = status::agent_status(
             agent.status.clone().unwrap_or_default(),
             &available,
@@ -155,6 +150,19 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
     }
     written?;
     Ok(())
+}
+
+/// The detail of `cluster`'s session on this replica, while it counts as connected.
+fn local_session(
+    ctx: &Ctx,
+    cluster: &str,
+    available: &status::Availability,
+) -> Option<status::SessionDetail> {
+    ctx.server
+        .registry()
+        .get(cluster)
+        .filter(|_| available.connected)
+        .map(|s| status::SessionDetail::of(&s))
 }
 
 /// The replica other than this one that holds `cluster`'s session: the one
@@ -201,12 +209,7 @@ async fn report(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::
         agent.paused(),
         None,
     );
-    let session = ctx
-        .server
-        .registry()
-        .get(&name)
-        .filter(|_| available.connected)
-        .map(|s| status::SessionDetail::of(&s));
+    let session = local_session(ctx, &name, &available);
     let kubeconfig = old.kubeconfig.clone();
     let mut new = status::agent_status(old, &available, session, &ctx.config.replica, Vec::new());
     // The kubeconfig is the leader's to write.
@@ -230,12 +233,7 @@ async fn write_held(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyh
         // Another replica holds it and reports it.
         return Ok(());
     }
-    let session = ctx
-        .server
-        .registry()
-        .get(&name)
-        .filter(|_| available.connected)
-        .map(|s| status::SessionDetail::of(&s));
+    let session = local_session(ctx, &name, &available);
     let old = agent.status.clone().unwrap_or_default();
     let current = old.kubeconfig.clone().map(|k| k.0).unwrap_or_default();
     let kubeconfig = kubesphere::held_kubeconfig(ctx, cluster, current);
