@@ -14,6 +14,10 @@
 //!   status and `tokenRef` Secrets, and an agent connects through it;
 //! - both charts run the images `scripts/images.sh` builds (name, tag,
 //!   overrides), as their user 65532 with a read-only root filesystem;
+//! - the defaults run highly available: 3 replicas, rolling updates that
+//!   never drop below them, a PodDisruptionBudget, spread over nodes, and the
+//!   peer port with its settings on the pods but in no Service; the spread
+//!   defaults give way to the values that replace them;
 //! - KubeSphere mode (`values-kubesphere.yaml`) renders Deployment and Service
 //!   `tower` with KubeSphere's pod labels and its RBAC, and the defaults render
 //!   none of it;
@@ -252,6 +256,17 @@ fn helm_lint_is_clean_for_both_charts() {
         (
             "tower-server",
             &[
+                "--set",
+                "strategy.type=Recreate,peer.listenHost=::,peer.port=9555",
+                "--set-json",
+                "affinity={}",
+                "--set-json",
+                "topologySpreadConstraints=[]",
+            ],
+        ),
+        (
+            "tower-server",
+            &[
                 "-f",
                 "tower-server/values-kubesphere.yaml",
                 "--set",
@@ -315,7 +330,7 @@ fn helm_lint_is_clean_for_both_charts() {
     assert!(!ok, "rbac.mode=everything rendered:\n{out}");
     assert!(err.contains("rbac.mode must be"), "{err}");
     eprintln!(
-        "charts: helm lint (6 value sets) in {:.2?}",
+        "charts: helm lint (8 value sets) in {:.2?}",
         started.elapsed()
     );
 }
@@ -532,13 +547,55 @@ async fn server_chart_dry_runs_on_the_host() {
         out.contains("role.rbac.authorization.k8s.io/tower-tower-server-token-refs"),
         "{out}"
     );
+    // The HA settings replaced or turned off, as the apiserver takes them:
+    // Recreate without rollingUpdate, an IPv6 peer listener, spread of one's own.
+    let own_spread = r#"topologySpreadConstraints=[{"maxSkew": 1,
+        "topologyKey": "topology.kubernetes.io/zone", "whenUnsatisfiable": "DoNotSchedule",
+        "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "tower-server"}}}]"#;
+    let replaced = template(
+        "tower-ha",
+        "tower-server",
+        SERVER_NS,
+        &[
+            "--set",
+            "replicaCount=1,strategy.type=Recreate,peer.listenHost=::",
+            "--set-json",
+            "affinity={}",
+            "--set-json",
+            own_spread,
+        ],
+    );
+    let out = dry_run(&env.host, &replaced).await;
+    assert!(
+        out.contains("deployment.apps/tower-ha-tower-server"),
+        "{out}"
+    );
+    let disabled = template(
+        "tower-solo",
+        "tower-server",
+        SERVER_NS,
+        &[
+            "--set",
+            "replicaCount=1,peer.enabled=false,podDisruptionBudget.enabled=false",
+            "--set-json",
+            "affinity={}",
+            "--set-json",
+            "topologySpreadConstraints=[]",
+        ],
+    );
+    let out = dry_run(&env.host, &disabled).await;
+    assert!(
+        out.contains("deployment.apps/tower-solo-tower-server")
+            && !out.contains("poddisruptionbudget"),
+        "{out}"
+    );
     assert!(tuned.contains("value: \"tower.example.com:7022\""));
     assert!(
         tuned.contains(",tower.example.com\""),
         "gateway URL host in the certificate hosts"
     );
     eprintln!(
-        "charts: server chart dry runs (2 value sets) in {:.2?}",
+        "charts: server chart dry runs (4 value sets) in {:.2?}",
         started.elapsed()
     );
 }
@@ -1584,6 +1641,242 @@ fn default_values_render_no_kubesphere_bits() {
         !manifest.contains("\"services\""),
         "no Service rights outside KubeSphere mode"
     );
+}
+
+// === high availability: any replica serves any cluster ===
+
+/// The pod spec of a rendered Deployment.
+fn pod_spec(deployment: &serde_json::Value) -> &serde_json::Value {
+    &deployment["spec"]["template"]["spec"]
+}
+
+/// The defaults run three replicas that stay available through rolling
+/// updates and drains, spread over nodes, with the peer listener on every pod
+/// and in no Service; in every value set the chart ships.
+#[test]
+fn default_values_run_highly_available() {
+    let migrate = charts_dir()
+        .join("tower-server/values-migrate.yaml")
+        .display()
+        .to_string();
+    let kubesphere = charts_dir().join(KS_VALUES).display().to_string();
+    for (release, values) in [
+        ("tower-server", vec![]),
+        (
+            "tower",
+            vec!["-f", &kubesphere, "--set", "sshAddress={203.0.113.10:8080}"],
+        ),
+        (
+            "tower-server",
+            vec![
+                "-f",
+                &migrate,
+                "--set",
+                "sshAddress={ws://203.0.113.20:8080}",
+            ],
+        ),
+    ] {
+        let manifest = template(release, "tower-server", SERVER_NS, &values);
+        let docs = documents(&manifest);
+        let what = format!("{release} {values:?}");
+        let deployment = docs
+            .iter()
+            .find(|((kind, _), _)| kind == "Deployment")
+            .map(|(_, d)| d)
+            .unwrap_or_else(|| panic!("{what}: no Deployment"));
+        let spec = &deployment["spec"];
+        assert_eq!(spec["replicas"], 3, "{what}");
+        assert_eq!(spec["strategy"]["type"], "RollingUpdate", "{what}");
+        assert_eq!(
+            spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0,
+            "{what}: a rolling update must not drop below replicaCount"
+        );
+        assert_eq!(spec["strategy"]["rollingUpdate"]["maxSurge"], 1, "{what}");
+        let selector = &spec["selector"]["matchLabels"];
+
+        // A PDB over the same pods, letting one go at a time.
+        let pdb = docs
+            .iter()
+            .find(|((kind, _), _)| kind == "PodDisruptionBudget")
+            .map(|(_, d)| d)
+            .unwrap_or_else(|| panic!("{what}: no PodDisruptionBudget"));
+        assert_eq!(pdb["spec"]["maxUnavailable"], 1, "{what}");
+        assert_eq!(&pdb["spec"]["selector"]["matchLabels"], selector, "{what}");
+
+        // Spread over nodes, preferred, never required, over this release's pods.
+        let pod = pod_spec(deployment);
+        let spread = pod["topologySpreadConstraints"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: no topologySpreadConstraints"));
+        assert_eq!(spread.len(), 1, "{what}");
+        assert_eq!(spread[0]["topologyKey"], "kubernetes.io/hostname");
+        assert_eq!(spread[0]["whenUnsatisfiable"], "ScheduleAnyway");
+        assert_eq!(spread[0]["maxSkew"], 1);
+        assert_eq!(
+            &spread[0]["labelSelector"]["matchLabels"], selector,
+            "{what}"
+        );
+        assert_eq!(spread[0]["matchLabelKeys"][0], "pod-template-hash");
+        let anti = &pod["affinity"]["podAntiAffinity"];
+        assert!(
+            anti.get("requiredDuringSchedulingIgnoredDuringExecution")
+                .is_none(),
+            "{what}: required anti-affinity would leave replicas pending on small clusters"
+        );
+        let preferred = anti["preferredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{what}: no preferred podAntiAffinity"));
+        let term = &preferred[0]["podAffinityTerm"];
+        assert_eq!(term["topologyKey"], "kubernetes.io/hostname");
+        assert_eq!(&term["labelSelector"]["matchLabels"], selector, "{what}");
+
+        // The peer listener: a named container port, its settings, the pod IP.
+        let container = &pod["containers"][0];
+        let ports = container["ports"].as_array().unwrap();
+        assert!(
+            ports.iter().any(|p| p["name"] == "peer"
+                && p["containerPort"] == 9444
+                && p["protocol"] == "TCP"),
+            "{what}: no container port peer/9444: {ports:?}"
+        );
+        let env = container["env"].as_array().unwrap();
+        let position = |name: &str| {
+            env.iter()
+                .position(|e| e["name"] == name)
+                .unwrap_or_else(|| panic!("{what}: no env {name}"))
+        };
+        assert_eq!(
+            env[position("POD_IP")]["valueFrom"]["fieldRef"]["fieldPath"],
+            "status.podIP"
+        );
+        assert_eq!(
+            manifest_env(deployment, "TOWER_PEER_LISTEN").as_deref(),
+            Some("0.0.0.0:9444"),
+            "{what}"
+        );
+        assert_eq!(
+            manifest_env(deployment, "TOWER_PEER_ADDRESS").as_deref(),
+            Some("$(POD_IP)"),
+            "{what}"
+        );
+        assert!(
+            position("POD_IP") < position("TOWER_PEER_ADDRESS"),
+            "{what}: $(POD_IP) expands only variables defined before it"
+        );
+
+        // Peers find each other through their Leases: no Service has the port.
+        let services: Vec<_> = docs
+            .iter()
+            .filter(|((kind, _), _)| kind == "Service")
+            .collect();
+        assert!(!services.is_empty(), "{what}");
+        for ((_, name), service) in services {
+            for port in service["spec"]["ports"].as_array().unwrap() {
+                assert!(
+                    port["name"] != "peer"
+                        && port["port"] != 9444
+                        && port["targetPort"] != "peer"
+                        && port["targetPort"] != 9444,
+                    "{what}: Service {name} exposes the peer port: {port}"
+                );
+            }
+        }
+    }
+}
+
+/// Each HA default gives way: `[]`/`{}` drop the spread, values of one's own
+/// replace it, Recreate comes without rollingUpdate, `peer.enabled=false`
+/// drops every peer setting, an IPv6 listen host is bracketed, and a
+/// PodDisruptionBudget that would block every drain is refused.
+#[test]
+fn high_availability_defaults_give_way_to_values() {
+    let deployment_of = |args: &[&str]| {
+        let docs = documents(&template("tower-server", "tower-server", SERVER_NS, args));
+        doc(&docs, "Deployment", "tower-server").clone()
+    };
+    let none = deployment_of(&[
+        "--set-json",
+        "affinity={}",
+        "--set-json",
+        "topologySpreadConstraints=[]",
+        "--set",
+        "strategy.type=Recreate",
+    ]);
+    let pod = pod_spec(&none);
+    assert!(pod.get("affinity").is_none(), "{pod}");
+    assert!(pod.get("topologySpreadConstraints").is_none(), "{pod}");
+    assert_eq!(
+        none["spec"]["strategy"],
+        serde_json::json!({ "type": "Recreate" }),
+        "the apiserver refuses rollingUpdate beside Recreate"
+    );
+
+    let own = deployment_of(&[
+        "--set-json",
+        r#"affinity={"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution":
+            {"nodeSelectorTerms": [{"matchExpressions":
+            [{"key": "tier", "operator": "In", "values": ["infra"]}]}]}}}"#,
+        "--set-json",
+        r#"topologySpreadConstraints=[{"maxSkew": 2,
+            "topologyKey": "topology.kubernetes.io/zone",
+            "whenUnsatisfiable": "DoNotSchedule",
+            "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "tower-server"}}}]"#,
+    ]);
+    let pod = pod_spec(&own);
+    assert!(pod["affinity"].get("podAntiAffinity").is_none(), "{pod}");
+    assert!(pod["affinity"].get("nodeAffinity").is_some(), "{pod}");
+    let spread = pod["topologySpreadConstraints"].as_array().unwrap();
+    assert_eq!(spread.len(), 1, "{pod}");
+    assert_eq!(spread[0]["topologyKey"], "topology.kubernetes.io/zone");
+
+    let solo = deployment_of(&["--set", "replicaCount=1,peer.enabled=false"]);
+    assert_eq!(solo["spec"]["replicas"], 1);
+    let text = solo.to_string();
+    for absent in [
+        "TOWER_PEER_LISTEN",
+        "TOWER_PEER_ADDRESS",
+        "POD_IP",
+        "\"peer\"",
+    ] {
+        assert!(!text.contains(absent), "peer off, yet {absent}: {text}");
+    }
+
+    let ipv6 = deployment_of(&["--set", "peer.listenHost=::,peer.port=9555"]);
+    assert_eq!(
+        manifest_env(&ipv6, "TOWER_PEER_LISTEN").as_deref(),
+        Some("[::]:9555")
+    );
+    assert!(
+        pod_spec(&ipv6)["containers"][0]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["name"] == "peer" && p["containerPort"] == 9555)
+    );
+
+    // minAvailable: below replicaCount renders, at it is refused.
+    let pdb = |sets: &str| {
+        helm(&[
+            "template",
+            "tower-server",
+            &chart("tower-server"),
+            "--namespace",
+            SERVER_NS,
+            "--kube-version",
+            KUBE_VERSION,
+            "--set",
+            sets,
+            "--show-only",
+            "templates/pdb.yaml",
+        ])
+    };
+    let (ok, out, err) = pdb("podDisruptionBudget.minAvailable=2");
+    assert!(ok && out.contains("minAvailable: 2"), "{out}{err}");
+    let (ok, out, err) = pdb("podDisruptionBudget.minAvailable=3");
+    assert!(!ok, "minAvailable 3 of 3 rendered:\n{out}");
+    assert!(err.contains("would block every node drain"), "{err}");
+    let (ok, out, err) = pdb("replicaCount=1");
+    assert!(ok && out.contains("maxUnavailable: 1"), "{out}{err}");
 }
 
 /// The ```sh block after `<!-- readme-test: <name> -->` in README.md.

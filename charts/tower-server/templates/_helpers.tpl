@@ -92,3 +92,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "tower-server.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}
+
+{{/* TOWER_PEER_LISTEN: peer.listenHost and peer.port, an IPv6 host bracketed. */}}
+{{- define "tower-server.peerListen" -}}
+{{- $host := .Values.peer.listenHost | default "0.0.0.0" | toString | trimPrefix "[" | trimSuffix "]" }}
+{{- if contains ":" $host }}
+{{- printf "[%s]:%v" $host .Values.peer.port }}
+{{- else }}
+{{- printf "%s:%v" $host .Values.peer.port }}
+{{- end }}
+{{- end }}
