@@ -59,6 +59,10 @@ pub struct ServerConfig {
     /// read, so this bounds the memory one cluster's clients can make the
     /// server hold.
     pub cluster_streams: usize,
+    /// Where other replicas reach this one's peer listener (host:port), when
+    /// it has one: peer forwarding is on, and the peer serving certificate
+    /// names this host.
+    pub peer_address: Option<String>,
 }
 
 impl ServerConfig {
@@ -83,6 +87,7 @@ impl ServerConfig {
             cluster_listen_host: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             client_streams: crate::gateway::DEFAULT_CLIENT_STREAMS,
             cluster_streams: crate::gateway::DEFAULT_CLUSTER_STREAMS,
+            peer_address: None,
         }
     }
 }

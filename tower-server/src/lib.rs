@@ -14,6 +14,7 @@
 //! | `server`, `config` | [`Server`]: state shared by the listeners, run and shutdown; [`ServerConfig`] |
 //! | `tunnel` | agents: SSH listener, authentication, control channel, [`Session`], [`Registry`] |
 //! | `gateway` | clients: TLS listener, client identity, forwarding one request |
+//! | [`peer`] | replicas: forwarding a request to the replica holding its cluster's session |
 //! | `admission` | caps on peers not authenticated yet, shared by both listeners |
 //! | [`tokens`] | join tokens: [`tokens::TokenStore`], the file store |
 //! | [`kube`] | Kubernetes: CRDs, identity Secrets, token mirror, controller, lease |
@@ -30,6 +31,7 @@ pub mod gateway;
 pub mod kube;
 pub mod kubeconfig;
 mod metrics;
+pub mod peer;
 mod server;
 pub mod tokens;
 mod tunnel;

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the server: sessions, tunnel channels, bytes through
 //! the tunnel, channel-open (dial) latency, authentication failures, gateway
 //! responses and requests refused for their share, agent connections by
-//! transport.
+//! transport, and peer forwarding between replicas.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -35,6 +35,14 @@ pub struct ShareLabel {
     pub share: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    /// What became of a request forwarded to another replica: `forwarded`
+    /// (answered by the owner), `retried` (answered by the owner a stale one
+    /// named), `moved` (no replica had the session: 503), `unreachable`.
+    pub result: &'static str,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     pub sessions: Gauge,
@@ -46,6 +54,10 @@ pub struct Metrics {
     pub cluster_write_refusals: Counter,
     pub share_refusals: Family<ShareLabel, Counter>,
     pub agent_connections: Family<TransportLabel, Counter>,
+    pub peer_requests: Family<PeerLabel, Counter>,
+    pub peer_served: Counter,
+    pub peer_connections: Gauge,
+    pub owner_lookup_misses: Counter,
 }
 
 impl Metrics {
@@ -62,6 +74,10 @@ impl Metrics {
             cluster_write_refusals: Counter::default(),
             share_refusals: Family::default(),
             agent_connections: Family::default(),
+            peer_requests: Family::default(),
+            peer_served: Counter::default(),
+            peer_connections: Gauge::default(),
+            owner_lookup_misses: Counter::default(),
         };
         tower_ops::register_metrics!(registry, "tower_server",
             "sessions": m.sessions => "Agent sessions connected",
@@ -72,7 +88,11 @@ impl Metrics {
             "gateway_responses": m.responses => "Gateway responses by status class",
             "cluster_write_refusals": m.cluster_write_refusals => "Cluster updates refused by an admission webhook (KubeSphere refuses them while the member is unreachable)",
             "share_refusals": m.share_refusals => "Requests refused with 429 because their client's or cluster's share of the tunnel was used up",
-            "agent_connections": m.agent_connections => "Agent connections that reached SSH, by transport (ssh, ws, wss)");
+            "agent_connections": m.agent_connections => "Agent connections that reached SSH, by transport (ssh, ws, wss)",
+            "peer_requests": m.peer_requests => "Requests this replica forwarded to the replica holding their cluster's session, by result",
+            "peer_served": m.peer_served => "Forwarded requests other replicas sent here",
+            "peer_connections": m.peer_connections => "HTTP/2 connections open from this replica to peers",
+            "owner_lookup_misses": m.owner_lookup_misses => "Requests for a cluster whose session no replica was known to hold");
         m
     }
 

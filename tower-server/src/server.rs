@@ -13,7 +13,7 @@ use tower_certs::{Ca, HostKey};
 use crate::config::ServerConfig;
 use crate::tokens::{FileStore, TokenStore, Verdict};
 use crate::tunnel::{AuthLimiter, Registry, Session};
-use crate::{gateway, kubeconfig, metrics, tunnel};
+use crate::{gateway, kubeconfig, metrics, peer, tunnel};
 
 /// State shared by the listeners.
 pub(crate) struct Shared {
@@ -31,6 +31,8 @@ pub(crate) struct Shared {
     pub(crate) cluster_listeners: gateway::ClusterListeners,
     /// Requests in flight through each cluster's tunnel, per client.
     pub(crate) shares: gateway::Shares,
+    /// Other replicas, for requests whose session one of them holds.
+    pub(crate) peers: peer::Peers,
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) prometheus: std::sync::Mutex<Option<prometheus_client::registry::Registry>>,
     pub(crate) running: AtomicBool,
@@ -49,6 +51,9 @@ pub struct Listeners {
     pub gateway: TcpListener,
     /// SSH inside a WebSocket from agents, `ws://` and `wss://` on one port.
     pub websocket: Option<TcpListener>,
+    /// Forwarded requests from other replicas (with
+    /// [`ServerConfig::peer_address`]).
+    pub peer: Option<TcpListener>,
 }
 
 /// A Tower server, ready to run.
@@ -104,6 +109,14 @@ impl Server {
         let shares = gateway::Shares::new(config.client_streams, config.cluster_streams);
         let mut prometheus = prometheus_client::registry::Registry::default();
         let metrics = Arc::new(metrics::Metrics::new(&mut prometheus));
+        let tasks = TaskTracker::new();
+        let peers = peer::Peers::new(
+            &ca,
+            &config.server_id,
+            config.peer_address.is_some(),
+            metrics.clone(),
+            tasks.clone(),
+        )?;
         Ok(Self {
             shared: Arc::new(Shared {
                 config,
@@ -116,10 +129,11 @@ impl Server {
                 agent_tls,
                 cluster_listeners: Default::default(),
                 shares,
+                peers,
                 metrics,
                 prometheus: std::sync::Mutex::new(Some(prometheus)),
                 running: Default::default(),
-                tasks: TaskTracker::new(),
+                tasks,
                 shutdown: CancellationToken::new(),
             }),
         })
@@ -146,6 +160,12 @@ impl Server {
     /// Base URL clients use to reach the gateway.
     pub fn gateway_url(&self) -> &str {
         &self.shared.config.gateway_url
+    }
+
+    /// Where the gateway looks up which replica holds a cluster's session
+    /// (peer forwarding; set once).
+    pub fn set_owner_book(&self, book: Arc<dyn peer::OwnerBook>) {
+        self.shared.peers.set_book(book);
     }
 
     /// Ends `cluster`'s session, if any, telling its agent `why`.
@@ -287,6 +307,7 @@ impl Server {
                 ssh,
                 gateway,
                 websocket: None,
+                peer: None,
             },
             shutdown,
         )
@@ -303,6 +324,7 @@ impl Server {
             ssh,
             gateway,
             websocket,
+            peer,
         } = listeners;
         tracing::info!(
             ssh = %ssh.local_addr()?,
@@ -320,6 +342,19 @@ impl Server {
             shutdown.clone(),
         ));
         tasks.spawn(gateway::serve(shared.clone(), gateway, shutdown.clone()));
+        if let Some(listener) = peer {
+            let address = shared.config.peer_address.as_deref().ok_or_else(|| {
+                anyhow::anyhow!("a peer listener needs the address peers reach it at")
+            })?;
+            let tls = peer::tls(&shared.ca, peer::address_host(address))?;
+            tracing::info!(peer = %listener.local_addr()?, %address, "peer listener");
+            tasks.spawn(peer::serve(
+                shared.clone(),
+                listener,
+                Arc::new(tls),
+                shutdown.clone(),
+            ));
+        }
         tasks.spawn(recheck_tokens(shared.clone(), shutdown.clone()));
         shared.running.store(true, Ordering::Relaxed);
         shutdown.cancelled().await;

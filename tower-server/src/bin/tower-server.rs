@@ -119,6 +119,17 @@ struct Args {
     /// hold; past it clients get 429 with Retry-After.
     #[arg(long, env = "TOWER_CLUSTER_STREAMS", default_value_t = tower_server::gateway::DEFAULT_CLUSTER_STREAMS)]
     cluster_streams: usize,
+    /// Kubernetes mode: where this replica takes requests other replicas
+    /// forward to it (ADDR:PORT; empty: no peer forwarding). With several
+    /// replicas, a request reaching one whose cluster's session another
+    /// holds is carried there; keep this port off public Services.
+    #[arg(long, env = "TOWER_PEER_LISTEN", default_value = "")]
+    peer_listen: String,
+    /// Kubernetes mode: where other replicas reach this one's peer listener,
+    /// HOST[:PORT] (usually the pod IP; a bare host takes the port
+    /// --peer-listen bound). Published in this replica's Lease.
+    #[arg(long, env = "TOWER_PEER_ADDRESS", default_value = "")]
+    peer_address: String,
     /// Log lines as `text` (coloured only on a terminal) or `json`.
     #[arg(long, env = "TOWER_LOG_FORMAT", default_value = "text")]
     log_format: tower_ops::LogFormat,
@@ -164,6 +175,26 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding WebSocket port {}", args.websocket_listen))?,
         )
     };
+    let peer = if args.peer_listen.is_empty() {
+        None
+    } else {
+        anyhow::ensure!(
+            args.kubernetes,
+            "--peer-listen needs --kubernetes: replicas find each other through Leases"
+        );
+        anyhow::ensure!(
+            !args.peer_address.is_empty(),
+            "--peer-listen needs --peer-address (where other replicas reach this one, usually the pod IP)"
+        );
+        let listener = tokio::net::TcpListener::bind(&args.peer_listen)
+            .await
+            .with_context(|| format!("binding peer listener {}", args.peer_listen))?;
+        config.peer_address = Some(tower_server::peer::peer_address(
+            &args.peer_address,
+            listener.local_addr()?.port(),
+        ));
+        Some(listener)
+    };
     let mut ports = format!(
         "ssh={} gateway={}",
         ssh.local_addr()?.port(),
@@ -172,10 +203,14 @@ async fn main() -> anyhow::Result<()> {
     if let Some(ws) = &websocket {
         ports.push_str(&format!(" websocket={}", ws.local_addr()?.port()));
     }
+    if let Some(peer) = &peer {
+        ports.push_str(&format!(" peer={}", peer.local_addr()?.port()));
+    }
     let listeners = tower_server::Listeners {
         ssh,
         gateway,
         websocket,
+        peer,
     };
     let shutdown = tower_ops::shutdown_on_signal();
     if args.kubernetes {

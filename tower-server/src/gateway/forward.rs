@@ -29,6 +29,13 @@ pub(super) async fn handle(
     req: Request<Incoming>,
 ) -> Response<Body> {
     let client = who.certificate.as_deref();
+    if client.is_some_and(|cn| cn.starts_with(crate::peer::PEER_CN_PREFIX)) {
+        tracing::warn!(source = %who.source, "a peer certificate at a client door; refused");
+        return status(
+            StatusCode::FORBIDDEN,
+            "a replica's peer certificate reaches no cluster through a client door",
+        );
+    }
     let bound = shared.config.gateway_client_bound_to_cluster;
     let member_path = || {
         req.uri()
@@ -94,23 +101,18 @@ pub(super) async fn handle(
         upstream,
         path_and_query,
     };
-    let Some(session) = shared.registry.get(&route.cluster) else {
-        return if shared.store.knows(&route.cluster) {
-            status(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "cluster {:?} is not connected: its agent is offline",
-                    route.cluster
-                ),
-            )
-        } else {
-            status(
-                StatusCode::NOT_FOUND,
-                format!("cluster {:?} not found", route.cluster),
-            )
-        };
+    // The session here, or the replica recorded as holding it.
+    let via = match shared.registry.get(&route.cluster) {
+        Some(session) => Via::Session(session),
+        None => match shared.peers.owner(&route.cluster) {
+            Some(owner) => Via::Peer(owner),
+            None => return not_here(&shared, &route.cluster),
+        },
     };
-    if credential == Credential::Caller && !session.carries_caller_credential() {
+    if let Via::Session(session) = &via
+        && credential == Credential::Caller
+        && !session.carries_caller_credential()
+    {
         return status(
             StatusCode::BAD_GATEWAY,
             format!(
@@ -119,6 +121,7 @@ pub(super) async fn handle(
             ),
         );
     }
+
     // Its place in the client's and the cluster's share of the tunnel, held
     // until the response body ends or the upgraded stream closes.
     let key = match credential {
@@ -163,10 +166,21 @@ pub(super) async fn handle(
             headers
         }
     };
+    // A forged peer header goes no further.
+    out.headers_mut().remove(crate::peer::CLUSTER_HEADER);
     let mut inbound = Request::from_parts(parts, ());
 
     let Some(protocol) = upgrade else {
-        return match session.send(route.upstream, out).await {
+        let sent = match &via {
+            Via::Session(session) => session.send(route.upstream, out).await,
+            Via::Peer(owner) => {
+                shared
+                    .peers
+                    .send(owner, &route.cluster, route.upstream, out)
+                    .await
+            }
+        };
+        return match sent {
             Ok(resp) => Holding::wrap(finish(resp), share),
             Err(e) => forward_error(e),
         };
@@ -174,7 +188,16 @@ pub(super) async fn handle(
 
     // An upgrade: keep the client's side to splice after the 101.
     let client_upgrade = hyper::upgrade::on(&mut inbound);
-    let mut resp = match session.send_upgrade(route.upstream, out, &protocol).await {
+    let sent = match &via {
+        Via::Session(session) => session.send_upgrade(route.upstream, out, &protocol).await,
+        Via::Peer(owner) => {
+            shared
+                .peers
+                .send_upgrade(owner, &route.cluster, route.upstream, out, &protocol)
+                .await
+        }
+    };
+    let mut resp = match sent {
         Ok(Ok(switched)) => switched,
         Ok(Err(refused)) => return Holding::wrap(finish(refused), share),
         Err(e) => return forward_error(e),
@@ -187,11 +210,64 @@ pub(super) async fn handle(
         header::UPGRADE,
         HeaderValue::from_str(&protocol).expect("came from a header value"),
     );
-    let cluster = route.cluster.clone();
+    splice(
+        &shared,
+        route.cluster,
+        client_upgrade,
+        tunnel_upgrade,
+        share,
+    );
+    let mut out = Response::new(empty());
+    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    *out.headers_mut() = headers;
+    out
+}
+
+/// Where a request goes.
+struct Route {
+    cluster: String,
+    upstream: &'static str,
+    path_and_query: String,
+}
+
+/// Which way a request reaches its cluster's session.
+enum Via {
+    /// The session is here.
+    Session(Arc<crate::tunnel::Session>),
+    /// Another replica holds it (peer forwarding).
+    Peer(crate::peer::Owner),
+}
+
+/// The answer for a cluster whose session no replica is known to hold: 503
+/// for a cluster the server knows, 404 otherwise.
+fn not_here(shared: &Shared, cluster: &str) -> Response<Body> {
+    if shared.store.knows(cluster) {
+        status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("cluster {cluster:?} is not connected: its agent is offline"),
+        )
+    } else {
+        status(
+            StatusCode::NOT_FOUND,
+            format!("cluster {cluster:?} not found"),
+        )
+    }
+}
+
+/// Splices an upgraded client stream with the upgraded stream towards the
+/// member once both sides have switched, holding `hold` (a share) until the
+/// stream closes or the server stops.
+pub(crate) fn splice<H: Send + 'static>(
+    shared: &Shared,
+    cluster: String,
+    client: hyper::upgrade::OnUpgrade,
+    tunnel: hyper::upgrade::OnUpgrade,
+    hold: H,
+) {
     let shutdown = shared.shutdown.clone();
     shared.tasks.spawn(async move {
-        let _share = share;
-        let (client, tunnel) = match tokio::join!(client_upgrade, tunnel_upgrade) {
+        let _hold = hold;
+        let (client, tunnel) = match tokio::join!(client, tunnel) {
             (Ok(c), Ok(t)) => (c, t),
             (c, t) => {
                 tracing::debug!(%cluster, client = ?c.err(), tunnel = ?t.err(), "upgrade failed");
@@ -209,31 +285,23 @@ pub(super) async fn handle(
             _ = shutdown.cancelled() => {}
         }
     });
-    let mut out = Response::new(empty());
-    *out.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    *out.headers_mut() = headers;
-    out
 }
 
-/// Where a request goes.
-struct Route {
-    cluster: String,
-    upstream: &'static str,
-    path_and_query: String,
-}
-
-fn finish(resp: Response<Incoming>) -> Response<Body> {
+/// A member's response as the client gets it: hop-by-hop headers removed.
+pub(crate) fn finish(resp: Response<Incoming>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     parts.headers = response_headers(&parts.headers);
     Response::from_parts(parts, body.boxed_unsync())
 }
 
-fn forward_error(e: ForwardError) -> Response<Body> {
+/// The Status a client gets when its request could not be carried.
+pub(crate) fn forward_error(e: ForwardError) -> Response<Body> {
     tracing::warn!(error = %e, "forwarding failed");
     match e {
-        ForwardError::NoUpstream { .. } | ForwardError::Channel { .. } => {
-            status(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
+        ForwardError::NoUpstream { .. }
+        | ForwardError::Channel { .. }
+        | ForwardError::Peer { .. }
+        | ForwardError::Moved { .. } => status(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
         ForwardError::Http { .. } => status(StatusCode::BAD_GATEWAY, e.to_string()),
     }
 }

@@ -18,7 +18,7 @@ use tower_proto::http::{Body, status};
 pub const CLIENT_CN_PREFIX: &str = "tower:";
 
 /// The subject common name of the verified client certificate.
-pub(super) fn client_name(
+pub(crate) fn client_name(
     tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
 ) -> Option<Arc<str>> {
     let der = tls.get_ref().1.peer_certificates()?.first()?;

@@ -37,7 +37,9 @@ use crate::server::Shared;
 
 pub(crate) use clusters::ClusterListeners;
 pub use clusters::ClusterPorts;
+pub(crate) use forward::{finish, forward_error, splice};
 pub use identity::CLIENT_CN_PREFIX;
+pub(crate) use identity::client_name;
 pub(crate) use shares::Shares;
 pub use shares::{
     DEFAULT_CLIENT_STREAMS, DEFAULT_CLUSTER_STREAMS, MAX_CLUSTER_STREAMS, tunnel_conn_window,

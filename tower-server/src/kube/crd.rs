@@ -210,6 +210,18 @@ impl Agent {
     }
 }
 
+impl AgentStatus {
+    /// The replica this status records as holding the session, while it
+    /// says Connected.
+    pub fn connected_replica(&self) -> Option<&str> {
+        let connected = self
+            .conditions
+            .iter()
+            .any(|c| c.type_ == CONDITION_CONNECTED && c.status == "True");
+        self.serving_replica.as_deref().filter(|_| connected)
+    }
+}
+
 // === Condition ===
 
 /// A condition as KubeSphere's Cluster and Tower's Agent carry them.

@@ -87,6 +87,17 @@ impl Members {
             .is_some_and(|m| m.valid_at(now))
     }
 
+    /// `replica` as its Lease says, while the Lease is valid.
+    pub fn valid_member(&self, replica: &str) -> Option<Member> {
+        let now = Timestamp::now().as_second();
+        self.0
+            .read()
+            .expect("poisoned")
+            .get(replica)
+            .filter(|m| m.valid_at(now))
+            .cloned()
+    }
+
     /// The replicas whose Lease is valid now.
     pub fn valid(&self) -> Vec<String> {
         let now = Timestamp::now().as_second();

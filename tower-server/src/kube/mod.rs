@@ -46,6 +46,7 @@ pub async fn run(
         ssh,
         gateway,
         websocket: None,
+        peer: None,
     };
     run_with(config, controller_config, client, listeners, ops, shutdown).await
 }
@@ -53,14 +54,18 @@ pub async fn run(
 /// Like [`run`], with every listener the server may have.
 pub async fn run_with(
     mut config: ServerConfig,
-    controller_config: ControllerConfig,
+    mut controller_config: ControllerConfig,
     client: kube::Client,
     listeners: crate::Listeners,
     ops: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // Agents are told which replica welcomed them.
+    // Agents are told which replica welcomed them; peers learn where this
+    // one is from its Lease.
     config.server_id = controller_config.replica.clone();
+    if let Some(address) = &config.peer_address {
+        controller_config.peer_address = Some(address.clone());
+    }
     identity::sync(&client, &controller_config.namespace, &config.state_dir).await?;
     let store = Arc::new(KubeTokenStore::default());
     let server = Server::with_store(config, store.clone())?;

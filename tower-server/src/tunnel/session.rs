@@ -35,6 +35,16 @@ pub enum ForwardError {
     NoUpstream { cluster: String, upstream: String },
     #[error("could not open a tunnel channel to cluster {cluster:?}: {reason}")]
     Channel { cluster: String, reason: String },
+    #[error(
+        "cluster {cluster:?}'s session is on replica {replica:?}, which cannot be reached: {reason}"
+    )]
+    Peer {
+        cluster: String,
+        replica: String,
+        reason: String,
+    },
+    #[error("cluster {cluster:?}'s session is moving between replicas; retry in a moment")]
+    Moved { cluster: String },
     #[error("tunnel to cluster {cluster:?} failed: {source}")]
     Http {
         cluster: String,

@@ -39,6 +39,7 @@ mod connection;
 mod events;
 mod kubesphere;
 mod mirror;
+mod owners;
 mod queue;
 mod reconcile;
 mod secrets;
@@ -231,6 +232,10 @@ pub async fn run(
         controller: "tower-server".into(),
         instance: Some(config.replica.clone()),
     };
+    server.set_owner_book(Arc::new(owners::AgentOwners {
+        agents: agents.clone(),
+        members: members.clone(),
+    }));
     let ctx = Arc::new(Ctx {
         secrets: secrets::TokenRefSecrets::new(client.clone(), agents.clone(), triggers.clone()),
         server,

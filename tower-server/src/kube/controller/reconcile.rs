@@ -103,6 +103,12 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
             connection::write_connection(&ctx.client, &ctx.server, &ctx.config, cluster).await?;
         (None, kubeconfig, None)
     };
+    if agent.is_none() && ctx.server.registry().is_connected(&name) {
+        // The session's owner records it on the Agent, where the other
+        // replicas look for it (peer forwarding); the Agent's event brings
+        // the status write.
+        connection::create_agent(&ctx.client, &name).await?;
+    }
     if let Some(agent) = agent
         && remote.is_none()
     {
@@ -172,14 +178,8 @@ fn remote_owner(ctx: &Ctx, cluster: &str, agent: Option<&Agent>) -> Option<Strin
     if ctx.server.registry().is_connected(cluster) {
         return None;
     }
-    let status = agent?.status.as_ref()?;
-    let owner = status.serving_replica.as_deref()?;
-    let connected = status
-        .conditions
-        .iter()
-        .any(|c| c.type_ == CONDITION_CONNECTED && c.status == "True");
-    (owner != ctx.config.replica && connected && ctx.members.is_valid(owner))
-        .then(|| owner.to_string())
+    let owner = agent?.status.as_ref()?.connected_replica()?;
+    (owner != ctx.config.replica && ctx.members.is_valid(owner)).then(|| owner.to_string())
 }
 
 /// A follower's one job: what only it knows, its own session, on the Agent
