@@ -5,6 +5,8 @@
 //! JSON [`Hello`] line. The server answers with one JSON [`Welcome`] line, or a
 //! [`Refusal`] line and closes. Unknown fields are ignored in both directions; a
 //! different major protocol version is refused with a message saying so.
+//! After the welcome the server may send [`Notice`] lines; an agent ignores
+//! lines it does not understand.
 
 use std::time::Duration;
 
@@ -59,6 +61,21 @@ pub struct Welcome {
 pub struct Refusal {
     pub refused: String,
 }
+
+/// A line the server may send on the control channel after its welcome.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Notice {
+    /// What it asks, e.g. [`NOTICE_MOVE`].
+    pub notice: String,
+    /// Why, for the agent's log.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+}
+
+/// [`Notice`]: this server replica is going away; connect again (another
+/// replica takes the agent), then drain and close this session
+/// ([`CAP_MOVE`](crate::names::CAP_MOVE)).
+pub const NOTICE_MOVE: &str = "move";
 
 /// A `major.minor` protocol version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -163,8 +163,117 @@ pub fn status(code: StatusCode, message: impl Into<String>) -> Response<Body> {
     resp
 }
 
+/// Whether a request streams until someone ends it: a watch, or logs followed.
+pub fn is_watch(uri: &http::Uri) -> bool {
+    uri.query().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| matches!(kv, "watch=true" | "watch=1" | "follow=true"))
+    })
+}
+
+/// `body` (a watch's), ended cleanly at the first event boundary (a
+/// newline-terminated frame) once `ends` completes: the client sees the watch
+/// end as the apiserver ends one, and resumes it, instead of a cut stream.
+pub fn ends_at_boundary(
+    body: Body,
+    ends: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Body {
+    EndsAtBoundary {
+        inner: body,
+        ends: Box::pin(ends),
+        at_boundary: true,
+        ending: false,
+    }
+    .boxed_unsync()
+}
+
+struct EndsAtBoundary {
+    inner: Body,
+    ends: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    at_boundary: bool,
+    ending: bool,
+}
+
+impl hyper::body::Body for EndsAtBoundary {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        if !self.ending && self.ends.as_mut().poll(cx).is_ready() {
+            self.ending = true;
+        }
+        if self.ending && self.at_boundary {
+            return Poll::Ready(None);
+        }
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+            && !data.is_empty()
+        {
+            self.at_boundary = data.ends_with(b"\n");
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+
+    /// A body of `frames`, each a data frame.
+    fn frames(frames: &[&'static str]) -> Body {
+        let frames: Vec<Result<hyper::body::Frame<Bytes>, hyper::Error>> = frames
+            .iter()
+            .map(|f| Ok(hyper::body::Frame::data(Bytes::from_static(f.as_bytes()))))
+            .collect();
+        http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed_unsync()
+    }
+
+    #[tokio::test]
+    async fn a_watch_ends_at_the_next_event_boundary() {
+        // Ending before anything was read: the body ends at once.
+        let body = ends_at_boundary(frames(&["ev1\n", "ev2\n"]), async {});
+        assert!(body.collect().await.unwrap().to_bytes().is_empty());
+        // Ending in the middle of an event: the event is finished first.
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut body = ends_at_boundary(frames(&["ev1\n", "half", "-rest\n", "ev3\n"]), async {
+            let _ = rx.await;
+        });
+        let mut got = Vec::new();
+        for _ in 0..2 {
+            let f = body.frame().await.unwrap().unwrap();
+            got.extend_from_slice(f.data_ref().unwrap());
+        }
+        tx.send(()).unwrap();
+        while let Some(f) = body.frame().await {
+            got.extend_from_slice(f.unwrap().data_ref().unwrap());
+        }
+        assert_eq!(got, b"ev1\nhalf-rest\n");
+    }
+
+    #[test]
+    fn watches_are_told_by_their_query() {
+        for (uri, watch) in [
+            ("/api/v1/pods?watch=true", true),
+            ("/api/v1/pods?labelSelector=a&watch=1", true),
+            ("/api/v1/namespaces/x/pods/p/log?follow=true", true),
+            ("/api/v1/pods", false),
+            ("/api/v1/pods?watch=false", false),
+        ] {
+            assert_eq!(is_watch(&uri.parse().unwrap()), watch, "{uri}");
+        }
+    }
     use super::*;
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {

@@ -20,6 +20,13 @@ pub const CAP_H2: &str = "h2";
 /// none. The server never sends a caller's credential to an agent without it.
 pub const CAP_CALLER_CREDENTIAL: &str = "caller-credential";
 
+/// The agent acts on a [`Notice`](crate::hello::Notice) to move
+/// ([`NOTICE_MOVE`](crate::hello::NOTICE_MOVE)): it opens a new session (which
+/// lands on another replica), and drains and closes this one once the new one
+/// is up. A server going away asks agents without it to leave by closing
+/// their session.
+pub const CAP_MOVE: &str = "move";
+
 /// Port value the agent sends in `tcpip-forward`. It is informational: the
 /// upstream is chosen by name, never by port.
 pub const FORWARD_PORT: u32 = 80;

@@ -152,6 +152,11 @@ impl RoundRobin {
     fn remove(&self, backend: SocketAddr) {
         self.backends.lock().unwrap().retain(|b| *b != backend);
     }
+
+    /// Adds `backend`, as a ready pod joins a Service.
+    fn add(&self, backend: SocketAddr) {
+        self.backends.lock().unwrap().push(backend);
+    }
 }
 
 fn console_cluster(name: &str, token: &str) -> Cluster {
@@ -269,112 +274,165 @@ struct Outcome {
     status_json: bool,
 }
 
+/// Three replicas on one host cluster, agents reaching them through a
+/// round-robin load balancer, `n` Clusters with an agent each, all available.
+struct Fleet {
+    _bed: tower_tests::testbed::Testbed,
+    host: ControlPlane,
+    _member: ControlPlane,
+    _dir: tempfile::TempDir,
+    client: kube::Client,
+    replicas: Vec<Replica>,
+    ssh_ports: Vec<u16>,
+    ssh_lb: RoundRobin,
+    ca: String,
+    identities: BTreeMap<String, raw::Identity>,
+    agents: Vec<TowerAgent>,
+    agents_api: Api<Agent>,
+    /// Which replica holds each cluster's session, when all were available.
+    owner: BTreeMap<String, String>,
+}
+
+impl Fleet {
+    async fn start(n: usize, log_name: &str) -> Self {
+        let bed = fixture::start_logged_bed(log_name).await.unwrap();
+        let mut planes = bed.clusters(&["host", "member"]).await.unwrap();
+        let member = planes.pop().unwrap();
+        let host = planes.pop().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        fixture::kube::prepare_host(&host).await.unwrap();
+        let client = host.client().await.unwrap();
+        let (_, sa_token_file) = agent_credential(&member, dir.path()).await.unwrap();
+        let echo = HttpsUpstream::echo(dir.path()).await.unwrap();
+
+        // Three replicas; agents reach them through one address.
+        let ssh_ports: Vec<u16> = (0..3)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+                    .port()
+            })
+            .collect();
+        let mut replicas = Vec::new();
+        for (i, port) in ssh_ports.iter().enumerate() {
+            replicas.push(spawn_replica(&host, dir.path(), &format!("tower-{i}"), *port).await);
+        }
+        let ssh_lb = RoundRobin::start(
+            ssh_ports
+                .iter()
+                .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
+                .collect(),
+        )
+        .await;
+        let info = eventually(Duration::from_secs(30), || async {
+            Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE)
+                .get_opt("tower-server")
+                .await
+                .ok()??
+                .data
+        })
+        .await
+        .expect("server info published");
+        let ca = info["ca.crt"].clone();
+        let host_key = info["hostKeyFingerprint"].clone();
+
+        // n Clusters as the console creates them, an agent each.
+        let clusters: Api<Cluster> = Api::all(client.clone());
+        let agents_api: Api<Agent> = Api::all(client.clone());
+        let started = Instant::now();
+        stream::iter(0..n)
+            .for_each_concurrent(16, |i| {
+                let clusters = clusters.clone();
+                async move {
+                    let token = format!("replica{i:04}token0abcdefghijklmnopqrstuvw");
+                    clusters
+                        .create(
+                            &PostParams::default(),
+                            &console_cluster(&cluster_name(i), &token),
+                        )
+                        .await
+                        .unwrap();
+                }
+            })
+            .await;
+        let mut agents = Vec::new();
+        for i in 0..n {
+            let join = JoinToken {
+                claims: Claims {
+                    servers: vec![ssh_lb.addr.to_string()],
+                    host_key: host_key.clone(),
+                    cluster: cluster_name(i),
+                    id: "cluster".into(),
+                    expires: None,
+                },
+                secret: Secret::new(format!("replica{i:04}token0abcdefghijklmnopqrstuvw")),
+            };
+            agents.push(
+                TowerAgent::start_with(
+                    TokenSource::Literal(join.encode()),
+                    vec![
+                        kube_upstream(&member, &sa_token_file),
+                        echo.upstream("ks-apiserver", None),
+                    ],
+                )
+                .unwrap(),
+            );
+        }
+        let identities = wait_all_available(&clusters, n, Duration::from_secs(300)).await;
+        let owner = owners(&agents_api).await;
+        assert_eq!(owner.len(), n, "every Agent names its replica");
+        let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
+        for r in owner.values() {
+            *spread.entry(r.as_str()).or_default() += 1;
+        }
+        eprintln!(
+            "{n} clusters available through 3 replicas in {:.1?}; sessions per replica {spread:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            spread.len(),
+            3,
+            "the load balancer spread agents: {spread:?}"
+        );
+
+        Fleet {
+            _bed: bed,
+            host,
+            _member: member,
+            _dir: dir,
+            client,
+            replicas,
+            ssh_ports,
+            ssh_lb,
+            ca,
+            identities,
+            agents,
+            agents_api,
+            owner,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
     let n = cluster_count();
-    let bed = fixture::start_logged_bed("tower-replicas.log")
-        .await
-        .unwrap();
-    let mut planes = bed.clusters(&["host", "member"]).await.unwrap();
-    let member = planes.pop().unwrap();
-    let host = planes.pop().unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    fixture::kube::prepare_host(&host).await.unwrap();
-    let client = host.client().await.unwrap();
-    let (_, sa_token_file) = agent_credential(&member, dir.path()).await.unwrap();
-    let echo = HttpsUpstream::echo(dir.path()).await.unwrap();
-
-    // Three replicas; agents reach them through one address.
-    let ssh_ports: Vec<u16> = (0..3)
-        .map(|_| {
-            std::net::TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port()
-        })
-        .collect();
-    let mut replicas = Vec::new();
-    for (i, port) in ssh_ports.iter().enumerate() {
-        replicas.push(spawn_replica(&host, dir.path(), &format!("tower-{i}"), *port).await);
-    }
-    let ssh_lb = RoundRobin::start(
-        ssh_ports
-            .iter()
-            .map(|p| SocketAddr::from(([127, 0, 0, 1], *p)))
-            .collect(),
-    )
-    .await;
-    let info = eventually(Duration::from_secs(30), || async {
-        Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE)
-            .get_opt("tower-server")
-            .await
-            .ok()??
-            .data
-    })
-    .await
-    .expect("server info published");
-    let ca = info["ca.crt"].clone();
-    let host_key = info["hostKeyFingerprint"].clone();
-
-    // n Clusters as the console creates them, an agent each.
-    let clusters: Api<Cluster> = Api::all(client.clone());
-    let agents_api: Api<Agent> = Api::all(client.clone());
-    let started = Instant::now();
-    stream::iter(0..n)
-        .for_each_concurrent(16, |i| {
-            let clusters = clusters.clone();
-            async move {
-                let token = format!("replica{i:04}token0abcdefghijklmnopqrstuvw");
-                clusters
-                    .create(
-                        &PostParams::default(),
-                        &console_cluster(&cluster_name(i), &token),
-                    )
-                    .await
-                    .unwrap();
-            }
-        })
-        .await;
-    let mut agents = Vec::new();
-    for i in 0..n {
-        let join = JoinToken {
-            claims: Claims {
-                servers: vec![ssh_lb.addr.to_string()],
-                host_key: host_key.clone(),
-                cluster: cluster_name(i),
-                id: "cluster".into(),
-                expires: None,
-            },
-            secret: Secret::new(format!("replica{i:04}token0abcdefghijklmnopqrstuvw")),
-        };
-        agents.push(
-            TowerAgent::start_with(
-                TokenSource::Literal(join.encode()),
-                vec![
-                    kube_upstream(&member, &sa_token_file),
-                    echo.upstream("ks-apiserver", None),
-                ],
-            )
-            .unwrap(),
-        );
-    }
-    let identities = wait_all_available(&clusters, n, Duration::from_secs(300)).await;
-    let owner = owners(&agents_api).await;
-    assert_eq!(owner.len(), n, "every Agent names its replica");
-    let mut spread: BTreeMap<&str, usize> = BTreeMap::new();
-    for r in owner.values() {
-        *spread.entry(r.as_str()).or_default() += 1;
-    }
-    eprintln!(
-        "{n} clusters available through 3 replicas in {:.1?}; sessions per replica {spread:?}",
-        started.elapsed()
-    );
-    assert_eq!(
-        spread.len(),
-        3,
-        "the load balancer spread agents: {spread:?}"
-    );
+    let Fleet {
+        _bed,
+        host: _host,
+        _member,
+        _dir,
+        client,
+        mut replicas,
+        ssh_ports,
+        ssh_lb,
+        ca,
+        identities,
+        agents,
+        agents_api,
+        owner,
+    } = Fleet::start(n, "tower-replicas.log").await;
 
     // 1. Any replica: a GET for every cluster through every replica's gateway.
     let connections: HashMap<(String, usize), H2Client> = stream::iter(
@@ -494,10 +552,16 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
     let c1 = identities.keys().nth(1).unwrap().clone();
     {
         let id = &identities[&c0];
-        let mut req = fixture::http::get_h2(&kube_system(&c0));
+        // A forwarded request in every respect but the certificate, to the
+        // replica holding the session.
+        let holder = replicas.iter().find(|r| r.name == owner[&c0]).unwrap();
+        let mut req = fixture::http::get_h2("/api/v1/namespaces/kube-system");
+        *req.uri_mut() = "https://kube-apiserver/api/v1/namespaces/kube-system"
+            .parse()
+            .unwrap();
         req.headers_mut()
             .insert("x-tower-peer-cluster", c0.parse().unwrap());
-        let forged = gateway_h2(replicas[0].peer, &ca, id)
+        let forged = gateway_h2(holder.peer, &ca, id)
             .await
             .unwrap()
             .send_request(req)
@@ -548,7 +612,6 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         }
         // The same certificate on the peer port is a replica's: it is
         // answered, and only from the session held there.
-        let holder = replicas.iter().find(|r| r.name == owner[&c0]).unwrap();
         let mut h2 = gateway_h2(holder.peer, &ca, &peer_id).await.unwrap();
         let mut req = fixture::http::get_h2("/api/v1/namespaces/kube-system");
         *req.uri_mut() = "https://kube-apiserver/api/v1/namespaces/kube-system"
@@ -662,6 +725,11 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         );
         assert!(bad.is_empty(), "{bad:?}");
         assert!(stale > 0, "no request met the stale hint");
+        assert!(
+            unavailable * 10 <= statuses.len(),
+            "{unavailable} of {} answered 503",
+            statuses.len()
+        );
         assert!(back.is_some(), "the owner put its name back");
         let h2 = connections[&(c0.clone(), entry)].clone();
         let ok = eventually(Duration::from_secs(5), || async {
@@ -915,4 +983,322 @@ async fn gateway_h2_anonymous(addr: SocketAddr, ca: &str) -> anyhow::Result<u16>
         .send_request(fixture::http::get_h2("/api/v1/namespaces"))
         .await?;
     Ok(resp.status().as_u16())
+}
+
+/// A client as client-go behaves behind a Service: one HTTP/2 connection
+/// through the load balancer, and a new one when the server closes it (a
+/// request it never sent goes on the new connection).
+struct SteadyClient {
+    lb: SocketAddr,
+    ca: String,
+    id: raw::Identity,
+    conn: Option<H2Client>,
+}
+
+impl SteadyClient {
+    async fn connection(&mut self) -> Result<H2Client, String> {
+        if let Some(c) = &mut self.conn
+            && !c.is_closed()
+            && c.ready().await.is_ok()
+        {
+            return Ok(c.clone());
+        }
+        let c = gateway_h2(self.lb, &self.ca, &self.id)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Sends `path`'s GET; the response head, or why it failed after it was
+    /// sent.
+    async fn send(&mut self, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let mut last = String::new();
+        for _ in 0..5 {
+            let mut c = match self.connection().await {
+                Ok(c) => c,
+                Err(e) => {
+                    last = e;
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            match c.try_send_request(fixture::http::get_h2(path)).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => {
+                    if e.take_message().is_some() {
+                        // Never sent (the connection was closing): resend.
+                        self.conn = None;
+                        last = format!("unsent: {}", e.error());
+                        continue;
+                    }
+                    // A stream the server did not process (HTTP/2
+                    // REFUSED_STREAM, or above the last stream id of its
+                    // GOAWAY, RFC 9113 6.8) is safe to send again; Go's
+                    // HTTP/2 transport, under client-go, does so.
+                    let detail = format!("{:?}", e.error());
+                    if detail.contains("REFUSED_STREAM") || detail.contains("GoAway(") {
+                        self.conn = None;
+                        last = detail;
+                        continue;
+                    }
+                    return Err(format!("sent, then: {detail}"));
+                }
+            }
+        }
+        Err(last)
+    }
+}
+
+/// Rolling SIGTERM of all three replicas, one after another with a fourth
+/// started first each time (maxSurge 1, maxUnavailable 0): no GET fails,
+/// every watch ends cleanly and resumes, and each agent reconnects at most
+/// once per replaced replica (its agents move, new session first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_fails_no_request_and_moves_each_agent_once() {
+    let n = 60;
+    let mut fleet = Fleet::start(n, "tower-rolling.log").await;
+    let gateway_lb = RoundRobin::start(fleet.replicas.iter().map(|r| r.gateway).collect()).await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let t0 = Instant::now();
+
+    // Each agent's connects, timed.
+    let connects: Arc<Mutex<Vec<Vec<Duration>>>> = Arc::new(Mutex::new(vec![Vec::new(); n]));
+    for (i, agent) in fleet.agents.iter().enumerate() {
+        let mut state = agent.agent.state();
+        let (connects, stop) = (connects.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = state.changed() => if r.is_err() { return },
+                }
+                if matches!(
+                    *state.borrow_and_update(),
+                    tower_agent::AgentState::Connected { .. }
+                ) {
+                    connects.lock().unwrap()[i].push(t0.elapsed());
+                }
+            }
+        });
+    }
+    // A GET loop and a resumed watch per cluster, through the load balancer.
+    let failures: Arc<Mutex<Vec<String>>> = Default::default();
+    let gets: Arc<std::sync::atomic::AtomicUsize> = Default::default();
+    let clean_ends: Arc<std::sync::atomic::AtomicUsize> = Default::default();
+    let mut loops = Vec::new();
+    for (c, id) in &fleet.identities {
+        let identity = || raw::Identity {
+            cert_pem: id.cert_pem.clone(),
+            key_pem: id.key_pem.clone(),
+        };
+        let mut getter = SteadyClient {
+            lb: gateway_lb.addr,
+            ca: fleet.ca.clone(),
+            id: identity(),
+            conn: None,
+        };
+        let (c1, stop1, failures1, gets1) =
+            (c.clone(), stop.clone(), failures.clone(), gets.clone());
+        loops.push(tokio::spawn(async move {
+            while !stop1.is_cancelled() {
+                let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                    let resp = getter.send(&kube_system(&c1)).await?;
+                    let status = resp.status().as_u16();
+                    let body = resp
+                        .into_body()
+                        .collect()
+                        .await
+                        .map_err(|e| format!("body: {e}"))?
+                        .to_bytes();
+                    (status == 200).then_some(()).ok_or_else(|| {
+                        format!("status {status}: {}", String::from_utf8_lossy(&body))
+                    })
+                })
+                .await
+                .unwrap_or_else(|_| Err("no answer within 10 s".into()));
+                gets1.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if let Err(e) = outcome {
+                    failures1
+                        .lock()
+                        .unwrap()
+                        .push(format!("{c1} GET at {:.1?}: {e}", t0.elapsed()));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }));
+        let mut watcher = SteadyClient {
+            lb: gateway_lb.addr,
+            ca: fleet.ca.clone(),
+            id: identity(),
+            conn: None,
+        };
+        let (c2, stop2, failures2, ends2) = (
+            c.clone(),
+            stop.clone(),
+            failures.clone(),
+            clean_ends.clone(),
+        );
+        loops.push(tokio::spawn(async move {
+            let path = format!(
+                "/clusters/{c2}/api/v1/namespaces?watch=true&resourceVersion=0&timeoutSeconds=600"
+            );
+            while !stop2.is_cancelled() {
+                let resp = match getter_watch(&mut watcher, &path).await {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        failures2
+                            .lock()
+                            .unwrap()
+                            .push(format!("{c2} watch at {:.1?}: {e}", t0.elapsed()));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                };
+                let mut body = resp.into_body();
+                let ended = loop {
+                    tokio::select! {
+                        _ = stop2.cancelled() => return,
+                        f = body.frame() => match f {
+                            None => break Ok(()),
+                            Some(Ok(_)) => {}
+                            Some(Err(e)) => break Err(e.to_string()),
+                        },
+                    }
+                };
+                match ended {
+                    Ok(()) => {
+                        ends2.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    Err(e) => failures2
+                        .lock()
+                        .unwrap()
+                        .push(format!("{c2} watch cut at {:.1?}: {e}", t0.elapsed())),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        failures.lock().unwrap().is_empty(),
+        "before the restart: {:?}",
+        failures.lock().unwrap()
+    );
+
+    // Replace tower-0, tower-1, tower-2 in turn.
+    let mut windows = Vec::new();
+    for k in 0..3 {
+        let begun = t0.elapsed();
+        eprintln!("{:.1?}: starting tower-{}", begun, 3 + k);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let name = format!("tower-{}", 3 + k);
+        let fresh = spawn_replica(&fleet.host, fleet._dir.path(), &name, port).await;
+        let leases = Api::<Lease>::namespaced(fleet.client.clone(), NAMESPACE);
+        eventually(Duration::from_secs(20), || async {
+            leases
+                .get_opt(&format!("tower-server-{name}"))
+                .await
+                .ok()?
+                .map(|_| ())
+        })
+        .await
+        .expect("the new replica's Lease");
+        fleet.ssh_lb.add(SocketAddr::from(([127, 0, 0, 1], port)));
+        gateway_lb.add(fresh.gateway);
+        // SIGTERM: the pod leaves the Service's endpoints and is told to stop.
+        let old = &mut fleet.replicas[k];
+        fleet
+            .ssh_lb
+            .remove(SocketAddr::from(([127, 0, 0, 1], fleet.ssh_ports[k])));
+        gateway_lb.remove(old.gateway);
+        let stopping = Instant::now();
+        eprintln!("{:.1?}: SIGTERM to {}", t0.elapsed(), old.name);
+        old.process.terminate();
+        while old.process.is_running() {
+            assert!(
+                stopping.elapsed() < Duration::from_secs(45),
+                "{} did not stop within 45 s",
+                old.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let log = read(&old.log);
+        let hand_off = log
+            .lines()
+            .find(|l| l.contains("hand-off done"))
+            .unwrap_or("no hand-off line")
+            .to_string();
+        eprintln!(
+            "{} replaced by {name}: stopped {:.1?} after SIGTERM; {hand_off}",
+            old.name,
+            stopping.elapsed()
+        );
+        fleet.replicas.push(fresh);
+        windows.push((begun, t0.elapsed()));
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.cancel();
+    for l in loops {
+        let _ = l.await;
+    }
+    let failures = failures.lock().unwrap().clone();
+    let connects = connects.lock().unwrap().clone();
+    let most_in_a_window = windows
+        .iter()
+        .map(|(a, b)| {
+            connects
+                .iter()
+                .map(|c| c.iter().filter(|t| *t >= a && *t <= b).count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect::<Vec<_>>();
+    let moves: usize = connects.iter().map(Vec::len).sum();
+    eprintln!(
+        "rolling restart of 3 replicas, {n} clusters: {} GETs, {} watch ends (all clean unless listed), \
+         {} failures; {moves} agent reconnects in all, at most {most_in_a_window:?} per agent per replaced replica",
+        gets.load(std::sync::atomic::Ordering::Relaxed),
+        clean_ends.load(std::sync::atomic::Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{:?}",
+        &failures[..failures.len().min(10)]
+    );
+    assert!(
+        most_in_a_window.iter().all(|m| *m <= 1),
+        "an agent reconnected more than once while one replica was replaced: {most_in_a_window:?}"
+    );
+    assert!(
+        clean_ends.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "no watch ended: the restart did not reach them"
+    );
+    // Every cluster available, held by a new replica.
+    let new: Vec<String> = (3..6).map(|i| format!("tower-{i}")).collect();
+    let held = eventually(Duration::from_secs(30), || async {
+        let o = owners(&fleet.agents_api).await;
+        (o.len() == n && o.values().all(|r| new.contains(r))).then_some(o)
+    })
+    .await;
+    assert!(held.is_some(), "every Agent names a new replica");
+    for r in &mut fleet.replicas {
+        r.process.kill9();
+    }
+}
+
+/// A watch's response head through `client`; a refusal is an error.
+async fn getter_watch(
+    client: &mut SteadyClient,
+    path: &str,
+) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    let resp = client.send(path).await?;
+    if resp.status() != 200 {
+        return Err(format!("watch answered {}", resp.status()));
+    }
+    Ok(resp)
 }

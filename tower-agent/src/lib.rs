@@ -26,13 +26,13 @@ use hyper_util::rt::TokioIo;
 use russh::client::{self, ChannelOpenHandle, DisconnectReason, Msg};
 use russh::keys::PublicKeyOrCertificate;
 use russh::{Channel, ChannelOpenFailure};
-use tokio::io::{AsyncReadExt, BufReader};
+use tokio::io::BufReader;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tower_proto::hello::{self, LineError, ProtocolVersion, Reply};
+use tower_proto::hello::{self, LineError, NOTICE_MOVE, Notice, ProtocolVersion, Reply};
 use tower_proto::http::Body;
 use tower_proto::names::{
-    CAP_CALLER_CREDENTIAL, CAP_H2, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS,
+    CAP_CALLER_CREDENTIAL, CAP_H2, CAP_MOVE, CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS,
     UPSTREAM_KUBE_APISERVER,
 };
 use tower_proto::token::host_key_fingerprint;
@@ -350,6 +350,15 @@ impl Agent {
             }
             self.metrics.connected.set(0);
             self.metrics.reconnects.inc();
+            if let Ok(Some(moving)) = result {
+                // Make before break: the old session serves on until a new
+                // one is up, then drains.
+                self.state.send_replace(AgentState::Connecting);
+                let state = self.state.subscribe();
+                tokio::spawn(moving.leave(state, self.config.drain_timeout, shutdown.clone()));
+                backoff = self.backoff();
+                continue;
+            }
             let err = result
                 .err()
                 .unwrap_or_else(|| AgentError::Ended("closed".into()));
@@ -378,7 +387,7 @@ impl Agent {
     }
 
     /// One session: dial, verify, authenticate, hello, forward, serve until it ends.
-    async fn session(&self, shutdown: &CancellationToken) -> Result<(), AgentError> {
+    async fn session(&self, shutdown: &CancellationToken) -> Result<Option<Moving>, AgentError> {
         let mut login = self.config.token.load()?;
         if let Some(servers) = &self.config.servers_override {
             login.servers = servers.clone();
@@ -388,7 +397,7 @@ impl Agent {
         let mut last_err = AgentError::NoServer;
         for addr in &login.servers {
             let dialed = tokio::select! {
-                _ = shutdown.cancelled() => return Ok(()),
+                _ = shutdown.cancelled() => return Ok(None),
                 r = self.dial(addr, &login, &pin) => r,
             };
             match dialed {
@@ -626,7 +635,7 @@ impl Agent {
         cluster: &str,
         shutdown: &CancellationToken,
         (pin, presented): (&HostKeyPin, Option<String>),
-    ) -> Result<(), AgentError> {
+    ) -> Result<Option<Moving>, AgentError> {
         let channel = handle.channel_open_session().await?;
         channel.request_subsystem(true, CONTROL_SUBSYSTEM).await?;
         let mut names: Vec<String> = self.upstreams.keys().cloned().collect();
@@ -634,7 +643,11 @@ impl Agent {
         let hello = Hello {
             protocol: ProtocolVersion::CURRENT,
             agent_version: tower_proto::VERSION.to_string(),
-            capabilities: vec![CAP_H2.to_string(), CAP_CALLER_CREDENTIAL.to_string()],
+            capabilities: vec![
+                CAP_H2.to_string(),
+                CAP_CALLER_CREDENTIAL.to_string(),
+                CAP_MOVE.to_string(),
+            ],
             upstreams: names.clone(),
             facts: Default::default(),
         };
@@ -671,9 +684,18 @@ impl Agent {
             server: addr.to_string(),
         });
         self.metrics.connected.set(1);
-        // The control channel stays open for the life of the session.
+        // The control channel stays open for the life of the session; the
+        // server may ask the agent to move on it.
         tokio::select! {
-            _ = drain(&mut control) => {}
+            moved = notices(&mut control) => if moved {
+                tracing::info!(%server_id, "the server is going away and asked this agent to move; connecting anew before leaving it");
+                return Ok(Some(Moving {
+                    handle,
+                    inflight,
+                    _control: control,
+                    server_id: std::mem::take(server_id),
+                }));
+            },
             _ = shutdown.cancelled() => {
                 // Drain: refuse new channels, let each open one finish its
                 // requests (HTTP/2 GOAWAY), then say goodbye.
@@ -687,7 +709,7 @@ impl Agent {
                 let _ = handle
                     .disconnect(russh::Disconnect::ByApplication, "agent shutting down", "en")
                     .await;
-                return Ok(());
+                return Ok(None);
             }
         }
         Err(AgentError::Ended(
@@ -764,58 +786,8 @@ impl Drain {
         if !long_running {
             return resp;
         }
-        let ends = Box::pin(self.started.clone().cancelled_owned());
-        resp.map(|body| {
-            http_body_util::BodyExt::boxed_unsync(EndsOnDrain {
-                inner: body,
-                ends,
-                at_boundary: true,
-                draining: false,
-            })
-        })
-    }
-}
-
-/// A watch body that ends at the first event boundary (a newline-terminated
-/// frame) after draining starts.
-struct EndsOnDrain {
-    inner: Body,
-    ends: std::pin::Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
-    at_boundary: bool,
-    draining: bool,
-}
-
-impl hyper::body::Body for EndsOnDrain {
-    type Data = bytes::Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        use std::task::Poll;
-        if !self.draining && self.ends.as_mut().poll(cx).is_ready() {
-            self.draining = true;
-        }
-        if self.draining && self.at_boundary {
-            return Poll::Ready(None);
-        }
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-            && !data.is_empty()
-        {
-            self.at_boundary = data.ends_with(b"\n");
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        let ends = self.started.clone().cancelled_owned();
+        resp.map(|body| tower_proto::http::ends_at_boundary(body, ends))
     }
 }
 
@@ -941,13 +913,65 @@ fn server_tls(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::Clien
     Ok(config)
 }
 
-/// Reads and discards until EOF or error.
-async fn drain<R: tokio::io::AsyncRead + Unpin>(r: &mut R) {
-    let mut buf = [0u8; 1024];
-    while let Ok(n) = r.read(&mut buf).await {
-        if n == 0 {
-            break;
+/// Reads the control channel until it ends (`false`) or the server asks the
+/// agent to move (`true`); lines it does not understand are ignored.
+async fn notices<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> bool {
+    loop {
+        match hello::read_message::<Notice, _>(r, NOTICE_WAIT).await {
+            Ok(n) if n.notice == NOTICE_MOVE => {
+                if !n.reason.is_empty() {
+                    tracing::info!(reason = %n.reason, "server notice");
+                }
+                return true;
+            }
+            Ok(n) => tracing::debug!(notice = %n.notice, "ignoring a server notice"),
+            Err(LineError::Timeout(_) | LineError::Malformed(_) | LineError::TooLong) => {}
+            Err(_) => return false,
         }
+    }
+}
+
+/// How long one wait for a control line lasts before it is waited for again.
+const NOTICE_WAIT: Duration = Duration::from_secs(3600);
+/// How long a moving agent keeps its old session while no new one comes up.
+const MOVE_WAIT: Duration = Duration::from_secs(30);
+/// How long the old session still serves once the new one is up: time for
+/// the new replica to record that it holds the session, so that requests
+/// already routed to the old one still find it.
+const MOVE_GRACE: Duration = Duration::from_secs(2);
+
+/// A session the server asked the agent to leave, kept until a new one is up.
+struct Moving {
+    handle: client::Handle<AgentHandler>,
+    inflight: Drain,
+    _control: BufReader<russh::ChannelStream<Msg>>,
+    server_id: String,
+}
+
+impl Moving {
+    /// Serves on until the agent is connected again (or [`MOVE_WAIT`]), then
+    /// [`MOVE_GRACE`], then drains and closes the old session.
+    async fn leave(
+        self,
+        mut state: watch::Receiver<AgentState>,
+        drain_timeout: Duration,
+        shutdown: CancellationToken,
+    ) {
+        let connected = state.wait_for(|s| matches!(s, AgentState::Connected { .. }));
+        tokio::select! {
+            _ = tokio::time::timeout(MOVE_WAIT, connected) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(MOVE_GRACE) => {}
+            _ = shutdown.cancelled() => {}
+        }
+        let unfinished = self.inflight.run(drain_timeout).await;
+        tracing::info!(server_id = %self.server_id, cut = unfinished, "left the replica that asked this agent to move");
+        let _ = self
+            .handle
+            .disconnect(russh::Disconnect::ByApplication, "agent moved", "en")
+            .await;
     }
 }
 

@@ -63,6 +63,12 @@ pub struct ServerConfig {
     /// it has one: peer forwarding is on, and the peer serving certificate
     /// names this host.
     pub peer_address: Option<String>,
+    /// Kubernetes mode: when told to stop, this replica first hands its
+    /// agents to the others ([`Server::hand_off`](crate::Server::hand_off)),
+    /// asking at most this many a second...
+    pub hand_off_rate: u32,
+    /// ...and waiting at most this long for them to go (zero: no hand-off).
+    pub hand_off_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -88,6 +94,8 @@ impl ServerConfig {
             client_streams: crate::gateway::DEFAULT_CLIENT_STREAMS,
             cluster_streams: crate::gateway::DEFAULT_CLUSTER_STREAMS,
             peer_address: None,
+            hand_off_rate: 100,
+            hand_off_timeout: Duration::from_secs(20),
         }
     }
 }

@@ -58,6 +58,7 @@ pub struct Metrics {
     pub peer_served: Counter,
     pub peer_connections: Gauge,
     pub owner_lookup_misses: Counter,
+    pub hand_offs: Counter,
 }
 
 impl Metrics {
@@ -78,6 +79,7 @@ impl Metrics {
             peer_served: Counter::default(),
             peer_connections: Gauge::default(),
             owner_lookup_misses: Counter::default(),
+            hand_offs: Counter::default(),
         };
         tower_ops::register_metrics!(registry, "tower_server",
             "sessions": m.sessions => "Agent sessions connected",
@@ -92,7 +94,8 @@ impl Metrics {
             "peer_requests": m.peer_requests => "Requests this replica forwarded to the replica holding their cluster's session, by result",
             "peer_served": m.peer_served => "Forwarded requests other replicas sent here",
             "peer_connections": m.peer_connections => "HTTP/2 connections open from this replica to peers",
-            "owner_lookup_misses": m.owner_lookup_misses => "Requests for a cluster whose session no replica was known to hold");
+            "owner_lookup_misses": m.owner_lookup_misses => "Requests for a cluster whose session no replica was known to hold",
+            "hand_offs": m.hand_offs => "Agents this replica asked to move (or disconnected) while going away");
         m
     }
 

@@ -36,6 +36,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<metrics::Metrics>,
     pub(crate) prometheus: std::sync::Mutex<Option<prometheus_client::registry::Registry>>,
     pub(crate) running: AtomicBool,
+    /// Set while this replica hands its agents off: new sessions are turned
+    /// away.
+    pub(crate) handing_off: AtomicBool,
     /// Every task the server spawns (connections, sessions' HTTP/2
     /// connections, spliced upgrades); shutdown waits for them.
     pub(crate) tasks: TaskTracker,
@@ -133,6 +136,7 @@ impl Server {
                 metrics,
                 prometheus: std::sync::Mutex::new(Some(prometheus)),
                 running: Default::default(),
+                handing_off: Default::default(),
                 tasks,
                 shutdown: CancellationToken::new(),
             }),
@@ -166,6 +170,66 @@ impl Server {
     /// (peer forwarding; set once).
     pub fn set_owner_book(&self, book: Arc<dyn peer::OwnerBook>) {
         self.shared.peers.set_book(book);
+    }
+
+    /// Hands this replica's agents to the others before it goes: new
+    /// sessions are turned away from now on; each agent that can move
+    /// ([`tower_proto::names::CAP_MOVE`]) is asked to, at most `rate` a
+    /// second, and opens a new session before it leaves this one; the others
+    /// are disconnected (they reconnect elsewhere). Waits up to `limit` for
+    /// the sessions here to end; returns how many were asked and how many
+    /// were still here.
+    pub async fn hand_off(&self, rate: u32, limit: std::time::Duration) -> (usize, usize) {
+        let shared = &self.shared;
+        shared.handing_off.store(true, Ordering::Relaxed);
+        let started = tokio::time::Instant::now();
+        let sessions = shared.registry.all();
+        if sessions.is_empty() {
+            return (0, 0);
+        }
+        tracing::info!(
+            sessions = sessions.len(),
+            rate,
+            "handing agents off to the other replicas"
+        );
+        let pace = Duration::from_secs_f64(1.0 / f64::from(rate.max(1)));
+        let mut asked = 0;
+        for session in &sessions {
+            if started.elapsed() >= limit {
+                break;
+            }
+            if session.can_move() {
+                session.request_move();
+                asked += 1;
+            } else {
+                shared.end_session(session.clone(), tunnel::HANDING_OFF.to_string());
+            }
+            shared.metrics.hand_offs.inc();
+            tokio::time::sleep(pace).await;
+        }
+        let mut changed = shared.registry.subscribe();
+        loop {
+            let left = shared.registry.all().len();
+            if left == 0 {
+                break;
+            }
+            let remaining = limit.saturating_sub(started.elapsed());
+            if remaining.is_zero()
+                || tokio::time::timeout(remaining, changed.changed())
+                    .await
+                    .is_err()
+            {
+                break;
+            }
+        }
+        let left = shared.registry.all().len();
+        tracing::info!(
+            asked,
+            left,
+            took = ?started.elapsed(),
+            "hand-off done"
+        );
+        (asked, left)
     }
 
     /// Ends `cluster`'s session, if any, telling its agent `why`.

@@ -130,6 +130,16 @@ struct Args {
     /// --peer-listen bound). Published in this replica's Lease.
     #[arg(long, env = "TOWER_PEER_ADDRESS", default_value = "")]
     peer_address: String,
+    /// Kubernetes mode: when stopped, this replica first asks its agents to
+    /// move to the other replicas (each opens its new session before it
+    /// leaves this one), at most this many a second.
+    #[arg(long, env = "TOWER_HAND_OFF_RATE", default_value_t = 100)]
+    hand_off_rate: u32,
+    /// Kubernetes mode: the longest a stopping replica waits for its agents
+    /// to move, in seconds (0: no hand-off, sessions are closed at once).
+    /// Keep it under the pod's termination grace period, less 10 s.
+    #[arg(long, env = "TOWER_HAND_OFF_TIMEOUT", default_value_t = 20)]
+    hand_off_timeout: u64,
     /// Log lines as `text` (coloured only on a terminal) or `json`.
     #[arg(long, env = "TOWER_LOG_FORMAT", default_value = "text")]
     log_format: tower_ops::LogFormat,
@@ -151,6 +161,8 @@ async fn main() -> anyhow::Result<()> {
     config.cluster_listen_host = args.kubesphere_listen_host;
     config.client_streams = args.client_streams;
     config.cluster_streams = args.cluster_streams;
+    config.hand_off_rate = args.hand_off_rate;
+    config.hand_off_timeout = Duration::from_secs(args.hand_off_timeout);
     let ssh = tokio::net::TcpListener::bind(&args.ssh_listen)
         .await
         .with_context(|| format!("binding SSH listener {}", args.ssh_listen))?;

@@ -8,7 +8,8 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tower_proto::http::{
-    Body, caller_request_headers_with_host, empty, request_headers, response_headers, status,
+    Body, caller_request_headers_with_host, empty, ends_at_boundary, is_watch, request_headers,
+    response_headers, status,
 };
 use tower_proto::names::{UPSTREAM_KS_APISERVER, UPSTREAM_KUBE_APISERVER};
 use tower_proto::route::{ClusterRoute, RouteError, route};
@@ -102,7 +103,13 @@ pub(super) async fn handle(
         path_and_query,
     };
     // The session here, or the replica recorded as holding it.
-    let via = match shared.registry.get(&route.cluster) {
+    let via = match shared.registry.ready(&route.cluster, route.upstream) {
+        // An agent asked to move: once the replica it moved to has recorded
+        // itself, requests go there while this session drains.
+        Some(session) if session.is_moving() => match shared.peers.owner(&route.cluster) {
+            Some(owner) => Via::Peer(owner),
+            None => Via::Session(session),
+        },
         Some(session) => Via::Session(session),
         None => match shared.peers.owner(&route.cluster) {
             Some(owner) => Via::Peer(owner),
@@ -168,6 +175,7 @@ pub(super) async fn handle(
     };
     // A forged peer header goes no further.
     out.headers_mut().remove(crate::peer::CLUSTER_HEADER);
+    let watch = is_watch(&parts.uri);
     let mut inbound = Request::from_parts(parts, ());
 
     let Some(protocol) = upgrade else {
@@ -181,6 +189,13 @@ pub(super) async fn handle(
             }
         };
         return match sent {
+            Ok(resp) if watch => {
+                // A watch ends cleanly when this server stops: its client
+                // resumes it, through another replica.
+                let stops = shared.shutdown.clone().cancelled_owned();
+                let resp = finish(resp).map(|body| ends_at_boundary(body, stops));
+                Holding::wrap(resp, share)
+            }
             Ok(resp) => Holding::wrap(finish(resp), share),
             Err(e) => forward_error(e),
         };

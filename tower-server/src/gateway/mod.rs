@@ -200,10 +200,24 @@ async fn serve_http<I>(
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r {
-            tracing::debug!(%peer, error = %e, "gateway connection ended");
-        },
-        _ = shutdown.cancelled() => {}
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            // Stopping: no new requests (HTTP/2 GOAWAY, HTTP/1.1 closes after
+            // the current one); those in flight finish, watches end at their
+            // next event; upgraded streams are cut.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(GRACEFUL_CLOSE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "gateway connection ended");
     }
 }
+
+/// How long a stopping server lets a client connection's requests in flight
+/// finish.
+const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);

@@ -1,6 +1,7 @@
 //! Which tower-server replicas are alive: each keeps a Lease of its own
 //! (`tower-server-<replica>`), renewed every few seconds and carrying its peer
-//! address, and reads everyone's. A replica is a member while its Lease's
+//! address, and watches everyone's (a replica that joins is known to the
+//! others within moments, not a renew period later). A replica is a member while its Lease's
 //! `renewTime + leaseDurationSeconds` is in the future; the leader deletes
 //! Leases long expired. Kubernetes is the only coordination: no secrets and
 //! no consensus of our own.
@@ -12,7 +13,7 @@ use std::time::Duration;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams};
+use kube::api::{Api, DeleteParams, ObjectMeta, Patch, PatchParams};
 use tokio_util::sync::CancellationToken;
 
 use super::crd::FIELD_MANAGER;
@@ -129,8 +130,8 @@ pub fn lease_name(replica: &str) -> String {
     format!("{LEASE_PREFIX}{replica}")
 }
 
-/// Renews this replica's Lease and lists everyone's until `shutdown`, then
-/// deletes its own (peers stop counting on it at once). The leader also
+/// Renews this replica's Lease and watches everyone's until `shutdown`,
+/// then deletes its own (peers stop counting on it at once). The leader also
 /// deletes Leases expired for a while.
 pub async fn run(
     client: kube::Client,
@@ -141,25 +142,20 @@ pub async fn run(
 ) {
     let api: Api<Lease> = Api::namespaced(client, &config.namespace);
     let name = lease_name(&config.replica);
+    let watching = tokio::spawn(watch(api.clone(), members.clone(), shutdown.clone()));
     loop {
         if let Err(e) = renew(&api, &name, &config).await {
             tracing::warn!(error = %e, lease = %name, "renewing this replica's Lease failed");
         }
-        match list(&api).await {
-            Ok(listed) => {
-                if leadership.is_leader() {
-                    collect_expired(&api, &listed).await;
-                }
-                *members.0.write().expect("poisoned") =
-                    listed.into_iter().map(|m| (m.replica.clone(), m)).collect();
-            }
-            Err(e) => tracing::warn!(error = %e, "listing replica Leases failed"),
+        if leadership.is_leader() {
+            collect_expired(&api, &members.all()).await;
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(config.renew_every) => {}
         }
     }
+    let _ = watching.await;
     match api.delete(&name, &DeleteParams::default()).await {
         Ok(_) => tracing::info!(lease = %name, "removed this replica's Lease"),
         Err(e) => tracing::warn!(error = %e, lease = %name, "removing this replica's Lease failed"),
@@ -198,14 +194,34 @@ async fn renew(api: &Api<Lease>, name: &str, config: &MembershipConfig) -> kube:
     Ok(())
 }
 
-async fn list(api: &Api<Lease>) -> kube::Result<Vec<Member>> {
-    Ok(api
-        .list(&ListParams::default().labels(REPLICA_LABEL))
-        .await?
-        .items
-        .iter()
-        .filter_map(Member::of)
-        .collect())
+/// Keeps `members` in step with the replica Leases until `shutdown`.
+async fn watch(api: Api<Lease>, members: Members, shutdown: CancellationToken) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (store, writer) = reflector::store::<Lease>();
+    let events = reflector::reflector(
+        writer,
+        watcher(api, watcher::Config::default().labels(REPLICA_LABEL)),
+    )
+    .default_backoff();
+    tokio::pin!(events);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            event = events.next() => match event {
+                None => return,
+                Some(Err(e)) => tracing::debug!(error = %e, "watching replica Leases; retrying"),
+                Some(Ok(_)) => {
+                    *members.0.write().expect("poisoned") = store
+                        .state()
+                        .iter()
+                        .filter_map(|l| Member::of(l))
+                        .map(|m| (m.replica.clone(), m))
+                        .collect();
+                }
+            },
+        }
+    }
 }
 
 /// Deletes the Leases of replicas gone for longer than [`DELETE_AFTER_EXPIRY`].

@@ -73,6 +73,23 @@ pub async fn run_with(
         let (server, shutdown) = (server.clone(), shutdown.clone());
         tokio::spawn(async move { server.serve_ops(ops, shutdown).await })
     });
+    // Stopping has two steps: the agents are handed to the other replicas
+    // while everything here still serves, then the rest stops.
+    let stop = CancellationToken::new();
+    tokio::spawn({
+        let (server, stop) = (server.clone(), stop.clone());
+        async move {
+            shutdown.cancelled().await;
+            let config = server.config();
+            if !config.hand_off_timeout.is_zero() {
+                server
+                    .hand_off(config.hand_off_rate, config.hand_off_timeout)
+                    .await;
+            }
+            stop.cancel();
+        }
+    });
+    let shutdown = stop;
     let ctrl = tokio::spawn(controller::run(
         server.clone(),
         client,

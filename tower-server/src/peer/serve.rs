@@ -26,6 +26,8 @@ use super::{CLUSTER_HEADER, OWNER_HEADER, PEER_CN_PREFIX};
 use crate::gateway;
 use crate::server::Shared;
 
+/// How long a stopping replica lets a peer's forwarded requests finish.
+const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);
 /// A peer must finish its TLS handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Forwarded streams one peer connection may carry at once: every request
@@ -91,11 +93,19 @@ async fn serve_connection(
     });
     let conn = builder.serve_connection(io, service);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => if let Err(e) = r {
-            tracing::debug!(%peer, error = %e, "peer connection ended");
-        },
-        _ = shutdown.cancelled() => {}
+    let ended = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = shutdown.cancelled() => {
+            // As the gateway does: GOAWAY, and what is in flight finishes.
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(GRACEFUL_CLOSE, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = ended {
+        tracing::debug!(%peer, error = %e, "peer connection ended");
     }
 }
 
@@ -133,7 +143,7 @@ async fn answer(
         }
     };
     shared.metrics.peer_served.inc();
-    let Some(session) = shared.registry.get(&cluster) else {
+    let Some(session) = shared.registry.ready(&cluster, upstream) else {
         // Verified on arrival: not held here. The entry may try the owner
         // named, once; this replica never forwards on.
         tracing::debug!(%cluster, %entry, "forwarded request for a session not held here");

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tower_proto::names::{CONTROL_SUBSYSTEM, FORWARD_PORT, KNOWN_UPSTREAMS};
 use tower_proto::token;
 
+use super::HANDING_OFF;
 use super::Session;
 use crate::admission::source_key;
 use crate::server::Shared;
@@ -158,6 +160,17 @@ impl Handler for Connection {
             verdict = self.shared.store.check(user, id, &secret);
         }
         match verdict {
+            Verdict::Valid { token_id } if self.shared.handing_off.load(Ordering::Relaxed) => {
+                // Going away: the agent reads why and connects again, to
+                // another replica. Not a failed authentication.
+                tracing::debug!(cluster = user, peer = ?self.peer, "agent turned away: this replica is handing its agents off");
+                self.authed = Some(Authenticated {
+                    cluster: user.to_string(),
+                    token_id,
+                    refused: Some(HANDING_OFF),
+                });
+                Ok(Auth::Accept)
+            }
             Verdict::Valid { token_id } => {
                 self.authed = Some(Authenticated {
                     cluster: user.to_string(),

@@ -7,7 +7,9 @@ use russh::Channel;
 use russh::server::Msg;
 use tokio::io::{AsyncReadExt, BufReader};
 use tower_proto::Hello;
-use tower_proto::hello::{self, LineError, ProtocolVersion, Refusal, Reply, Welcome};
+use tower_proto::hello::{
+    self, LineError, NOTICE_MOVE, Notice, ProtocolVersion, Refusal, Reply, Welcome,
+};
 use tower_proto::names::CAP_H2;
 
 use super::Session;
@@ -22,6 +24,9 @@ enum Refused {
     /// Its token matched but is expired or revoked.
     #[error("{0}; mint a new join token with towerctl")]
     Token(&'static str),
+    /// This replica is handing its agents off.
+    #[error("{0}")]
+    Leaving(&'static str),
     /// No hello, a malformed one, or another major version.
     #[error(transparent)]
     Hello(#[from] LineError),
@@ -40,6 +45,7 @@ pub(super) async fn serve(
     let mut stream = BufReader::new(channel.into_stream());
     let hello = hello::read_message::<Hello, _>(&mut stream, HELLO_TIMEOUT).await;
     let decision = match (hello, refusal) {
+        (_, Some(reason)) if reason == super::HANDING_OFF => Err(Refused::Leaving(reason)),
         (_, Some(reason)) => Err(Refused::Token(reason)),
         (Err(e), None) => Err(e.into()),
         (Ok(hello), None) => match ProtocolVersion::CURRENT.check_peer(hello.protocol) {
@@ -65,11 +71,26 @@ pub(super) async fn serve(
         (Ok(hello), Some(session)) => {
             tracing::info!(cluster = %session.cluster, agent_version = %hello.agent_version, "agent hello");
             session.set_hello(hello);
-            // Keep the channel open; it ends with the connection.
+            // Keep the channel open; it ends with the connection. A request
+            // to move goes out on it once.
             let mut buf = [0u8; 1024];
-            while let Ok(n) = stream.read(&mut buf).await {
-                if n == 0 {
-                    break;
+            let mut told = false;
+            loop {
+                tokio::select! {
+                    read = stream.read(&mut buf) => match read {
+                        Ok(n) if n > 0 => {}
+                        _ => break,
+                    },
+                    _ = session.move_requested(), if !told => {
+                        told = true;
+                        let notice = Notice {
+                            notice: NOTICE_MOVE.to_string(),
+                            reason: "this server replica is going away".to_string(),
+                        };
+                        if let Err(e) = hello::write_message(stream.get_mut(), &notice).await {
+                            tracing::debug!(cluster = %session.cluster, error = %e, "could not ask the agent to move");
+                        }
+                    }
                 }
             }
         }

@@ -26,6 +26,10 @@ pub use channel::ChannelIo;
 pub use registry::Registry;
 pub use session::{ForwardError, Session};
 
+/// Why a replica handing its agents off turns new ones away.
+pub(crate) const HANDING_OFF: &str =
+    "this server replica is going away; connecting again reaches another one";
+
 /// Runs the raw SSH listener and, if given, the WebSocket one, sharing one
 /// intake (limits and unauthenticated slots), until `shutdown`.
 pub(crate) async fn serve(

@@ -82,6 +82,28 @@ impl Registry {
         })
     }
 
+    /// Whether `cluster`'s session here was asked to move to another replica.
+    pub fn is_moving(&self, cluster: &str) -> bool {
+        self.get(cluster).is_some_and(|s| s.is_moving())
+    }
+
+    /// The session for `cluster` once it can answer for `upstream`: its
+    /// agent forwards it, or said in its hello that it never will (the
+    /// session then refuses it). A session whose forwarding requests have not
+    /// all arrived yet is not ready: requests go where its cluster was served
+    /// before (a moving agent's previous session).
+    pub fn ready(&self, cluster: &str, upstream: &str) -> Option<Arc<Session>> {
+        self.get(cluster).filter(|s| {
+            let forwarded = s.upstreams();
+            forwarded.iter().any(|u| u == upstream)
+                || match s.hello() {
+                    Some(hello) => !hello.upstreams.iter().any(|u| u == upstream),
+                    // OpenSSH as an agent says no hello.
+                    None => !forwarded.is_empty(),
+                }
+        })
+    }
+
     /// Waits until `is_connected(cluster) == want`, or `timeout`.
     pub async fn wait_connected(&self, cluster: &str, want: bool, timeout: Duration) -> bool {
         let mut rx = self.changed.subscribe();

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_proto::Hello;
 use tower_proto::http::{Body, empty};
-use tower_proto::names::{CAP_CALLER_CREDENTIAL, CAP_H2};
+use tower_proto::names::{CAP_CALLER_CREDENTIAL, CAP_H2, CAP_MOVE};
 use tower_proto::tunnel;
 
 use super::ChannelIo;
@@ -67,6 +67,8 @@ pub struct Session {
     h2: tokio::sync::Mutex<HashMap<String, http2::SendRequest<Body>>>,
     /// Cancelled when the SSH connection ends.
     pub closed: CancellationToken,
+    /// Cancelled when this replica asks the agent to move elsewhere.
+    moving: CancellationToken,
     open_channels: Arc<AtomicUsize>,
     pub(super) metrics: std::sync::OnceLock<Arc<Metrics>>,
     /// The registry's change signal, set when the session is registered: the
@@ -118,6 +120,7 @@ impl Session {
             state: Mutex::default(),
             h2: tokio::sync::Mutex::default(),
             closed: CancellationToken::new(),
+            moving: CancellationToken::new(),
             open_channels: Arc::default(),
             metrics: std::sync::OnceLock::new(),
             registry_changed: std::sync::OnceLock::new(),
@@ -162,6 +165,30 @@ impl Session {
             .hello
             .as_ref()
             .is_some_and(|h| h.capabilities.iter().any(|c| c == CAP_CALLER_CREDENTIAL))
+    }
+
+    /// Whether the agent moves when asked ([`CAP_MOVE`]): it opens a new
+    /// session elsewhere before it leaves this one.
+    pub fn can_move(&self) -> bool {
+        self.lock()
+            .hello
+            .as_ref()
+            .is_some_and(|h| h.capabilities.iter().any(|c| c == CAP_MOVE))
+    }
+
+    /// Asks the agent to move (the control channel sends the notice).
+    pub fn request_move(&self) {
+        self.moving.cancel();
+    }
+
+    /// Whether the agent was asked to move.
+    pub fn is_moving(&self) -> bool {
+        self.moving.is_cancelled()
+    }
+
+    /// Completes when the agent is asked to move.
+    pub async fn move_requested(&self) {
+        self.moving.cancelled().await
     }
 
     /// Round trip of the last tunnel channel open (an SSH request/confirmation).

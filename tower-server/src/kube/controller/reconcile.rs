@@ -175,18 +175,23 @@ fn local_session(
 /// the Agent's status names as serving it, connected, while its membership
 /// Lease is valid. `None` when this replica holds it.
 fn remote_owner(ctx: &Ctx, cluster: &str, agent: Option<&Agent>) -> Option<String> {
-    if ctx.server.registry().is_connected(cluster) {
+    let owner = agent?.status.as_ref()?.connected_replica()?;
+    let claimed = owner != ctx.config.replica && ctx.members.is_valid(owner);
+    // A session here counts unless its agent is moving and the replica it
+    // moved to has recorded itself.
+    let registry = ctx.server.registry();
+    if registry.is_connected(cluster) && !(claimed && registry.is_moving(cluster)) {
         return None;
     }
-    let owner = agent?.status.as_ref()?.connected_replica()?;
-    (owner != ctx.config.replica && ctx.members.is_valid(owner)).then(|| owner.to_string())
+    claimed.then(|| owner.to_string())
 }
 
 /// A follower's one job: what only it knows, its own session, on the Agent
 /// (creating the Agent if there is none), and that it holds it no more.
 async fn report(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::Result<()> {
     let name = cluster.name_any();
-    let local = ctx.server.registry().is_connected(&name);
+    let local =
+        ctx.server.registry().is_connected(&name) && remote_owner(ctx, &name, agent).is_none();
     let Some(agent) = agent else {
         if local {
             connection::create_agent(&ctx.client, &name).await?;

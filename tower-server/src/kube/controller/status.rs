@@ -58,7 +58,9 @@ pub(super) fn availability(
     paused: bool,
     remote: Option<&str>,
 ) -> Availability {
-    let local = server.registry().is_connected(cluster);
+    // A session here the agent is leaving for `remote` no longer counts.
+    let local = server.registry().is_connected(cluster)
+        && !(remote.is_some() && server.registry().is_moving(cluster));
     let connected = local || remote.is_some();
     let replica = match remote {
         Some(r) if !local => r,
