@@ -957,12 +957,14 @@ async fn a_paused_replica_lapses_with_its_lease() {
         secret: Secret::new(token),
     };
     let _agent = spawn_agent(env, &join.encode(), "fangorn-follower");
-    let c = wait_available(&client, "fangorn", "True", Duration::from_secs(30)).await;
-    let message = c.condition("AgentAvailable").unwrap().message.clone();
-    assert!(
-        message.as_deref().unwrap_or_default().contains("replica-q"),
-        "{message:?}"
-    );
+    wait_available(&client, "fangorn", "True", Duration::from_secs(30)).await;
+    let serving = Api::<Agent>::all(client.clone())
+        .get("fangorn")
+        .await
+        .unwrap()
+        .status
+        .and_then(|s| s.serving_replica);
+    assert_eq!(serving.as_deref(), Some("replica-q"));
     // The welcome named the replica that took the agent.
     let agent_log = read_log(&env.dir.path().join("fangorn-follower.log"));
     assert!(agent_log.contains("server_id=replica-q"), "{agent_log}");

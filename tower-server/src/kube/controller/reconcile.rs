@@ -81,13 +81,7 @@ async fn write(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::R
     let name = cluster.name_any();
     let paused = agent.is_some_and(Agent::paused);
     let remote = remote_owner(ctx, &name, agent);
-    let available = status::availability(
-        &ctx.server,
-        &ctx.config.replica,
-        &name,
-        paused,
-        remote.as_deref(),
-    );
+    let available = status::availability(&ctx.server, &name, paused, remote.as_deref());
     events::on_availability(ctx, cluster, &available).await;
     let (connection, kubeconfig, initialized) = if kubesphere::served(ctx, cluster) {
         match kubesphere::setup(ctx, cluster, &available).await? {
@@ -207,13 +201,7 @@ async fn report(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::
     if !local && !recorded_here {
         return Ok(());
     }
-    let available = status::availability(
-        &ctx.server,
-        &ctx.config.replica,
-        &name,
-        agent.paused(),
-        None,
-    );
+    let available = status::availability(&ctx.server, &name, agent.paused(), None);
     let session = local_session(ctx, &name, &available);
     let kubeconfig = old.kubeconfig.clone();
     let mut new = status::agent_status(old, &available, session, &ctx.config.replica, Vec::new());
@@ -229,7 +217,6 @@ async fn write_held(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyh
     let name = cluster.name_any();
     let available = status::availability(
         &ctx.server,
-        &ctx.config.replica,
         &name,
         agent.paused(),
         remote_owner(ctx, &name, Some(agent)).as_deref(),

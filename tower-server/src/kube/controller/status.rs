@@ -48,12 +48,13 @@ impl SessionDetail {
     }
 }
 
-/// `cluster`'s availability: its session on `replica` (this one), or on
-/// `remote`, another replica whose valid Lease and own report on the Agent
-/// say it holds the session.
+/// `cluster`'s availability: its session on this replica, or on `remote`,
+/// another replica whose valid Lease and own report on the Agent say it holds
+/// the session. Which replica holds it is the Agent's `servingReplica`, not
+/// the condition's message: an agent moving between replicas changes no
+/// Cluster.
 pub(super) fn availability(
     server: &Server,
-    replica: &str,
     cluster: &str,
     paused: bool,
     remote: Option<&str>,
@@ -62,10 +63,6 @@ pub(super) fn availability(
     let local = server.registry().is_connected(cluster)
         && !(remote.is_some() && server.registry().is_moving(cluster));
     let connected = local || remote.is_some();
-    let replica = match remote {
-        Some(r) if !local => r,
-        _ => replica,
-    };
     let (status, reason, message) = match (connected, paused) {
         (_, true) => (
             "False",
@@ -75,7 +72,7 @@ pub(super) fn availability(
         (true, _) => (
             "True",
             "AgentConnected",
-            format!("the agent is connected to tower-server replica {replica}"),
+            "the agent is connected to tower-server".to_string(),
         ),
         (false, _) => (
             "False",
@@ -356,21 +353,20 @@ mod tests {
     #[test]
     fn availability_without_a_session_and_when_paused() {
         let (server, _dir) = test_server();
-        let gone = availability(&server, "tower-0", "gondor", false, None);
+        let gone = availability(&server, "gondor", false, None);
         assert_eq!(
             (gone.connected, gone.status, gone.reason),
             (false, "False", "AgentDisconnected")
         );
-        let paused = availability(&server, "tower-0", "gondor", true, None);
-        let elsewhere = availability(&server, "tower-0", "gondor", false, Some("tower-2"));
+        let paused = availability(&server, "gondor", true, None);
+        let elsewhere = availability(&server, "gondor", false, Some("tower-2"));
         assert_eq!(
             (elsewhere.connected, elsewhere.status, elsewhere.reason),
             (true, "True", "AgentConnected")
         );
-        assert!(
-            elsewhere.message.ends_with("replica tower-2"),
-            "{}",
-            elsewhere.message
+        assert_eq!(
+            elsewhere.message, "the agent is connected to tower-server",
+            "which replica is the Agent's to say: a move changes no Cluster"
         );
         assert_eq!((paused.status, paused.reason), ("False", "AgentPaused"));
         assert_eq!(
@@ -384,7 +380,7 @@ mod tests {
             connected: true,
             status: "True",
             reason: "AgentConnected",
-            message: "the agent is connected to tower-server replica tower-0".into(),
+            message: "the agent is connected to tower-server".into(),
         }
     }
 
@@ -424,10 +420,7 @@ mod tests {
                 assert_eq!(c["type"], "AgentAvailable");
                 assert_eq!(c["status"], "True");
                 assert_eq!(c["reason"], "AgentConnected");
-                assert_eq!(
-                    c["message"],
-                    "the agent is connected to tower-server replica tower-0"
-                );
+                assert_eq!(c["message"], "the agent is connected to tower-server");
                 assert_eq!(
                     req.body["status"].as_object().unwrap().len(),
                     1,
@@ -537,7 +530,7 @@ mod tests {
         let (server, _dir) = test_server();
         let gone = agent_status(
             first.clone(),
-            &availability(&server, "tower-0", "gondor", false, None),
+            &availability(&server, "gondor", false, None),
             None,
             "tower-0",
             b"kc".to_vec(),
