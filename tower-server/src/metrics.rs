@@ -58,6 +58,7 @@ pub struct Metrics {
     pub peer_served: Counter,
     pub peer_connections: Gauge,
     pub owner_lookup_misses: Counter,
+    pub probes: Counter,
     pub hand_offs: Counter,
 }
 
@@ -79,6 +80,7 @@ impl Metrics {
             peer_served: Counter::default(),
             peer_connections: Gauge::default(),
             owner_lookup_misses: Counter::default(),
+            probes: Counter::default(),
             hand_offs: Counter::default(),
         };
         tower_ops::register_metrics!(registry, "tower_server",
@@ -95,6 +97,7 @@ impl Metrics {
             "peer_served": m.peer_served => "Forwarded requests other replicas sent here",
             "peer_connections": m.peer_connections => "HTTP/2 connections open from this replica to peers",
             "owner_lookup_misses": m.owner_lookup_misses => "Requests for a cluster whose session no replica was known to hold",
+            "peer_probes": m.probes => "Requests sent to other replicas for a cluster held lately whose new owner had not recorded itself yet",
             "hand_offs": m.hand_offs => "Agents this replica asked to move (or disconnected) while going away");
         m
     }

@@ -179,6 +179,10 @@ impl ControlPlane {
             flag("disable-admission-plugins", "ServiceAccount".into()),
             flag("service-cluster-ip-range", "10.0.0.0/24".into()),
             flag("enable-priority-and-fairness", "false".into()),
+            // One apiserver stands in for up to 1,000 members at once (the
+            // replica tests): 400 requests in flight (the default) would
+            // answer 429 to load that 1,000 real members would share.
+            flag("max-requests-inflight", "4000".into()),
             flag("profiling", "false".into()),
         ]
     }

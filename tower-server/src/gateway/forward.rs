@@ -107,13 +107,21 @@ pub(super) async fn handle(
         // An agent asked to move: once the replica it moved to has recorded
         // itself, requests go there while this session drains.
         Some(session) if session.is_moving() => match shared.peers.owner(&route.cluster) {
-            Some(owner) => Via::Peer(owner),
+            Some(owner) => Via::Peer(owner, false),
             None => Via::Session(session),
         },
         Some(session) => Via::Session(session),
         None => match shared.peers.owner(&route.cluster) {
-            Some(owner) => Via::Peer(owner),
-            None => return not_here(&shared, &route.cluster),
+            Some(owner) => Via::Peer(owner, false),
+            None => match shared
+                .store
+                .knows(&route.cluster)
+                .then(|| shared.peers.probe(&route.cluster))
+                .flatten()
+            {
+                Some(peer) => Via::Peer(peer, true),
+                None => return not_here(&shared, &route.cluster),
+            },
         },
     };
     if let Via::Session(session) = &via
@@ -181,7 +189,7 @@ pub(super) async fn handle(
     let Some(protocol) = upgrade else {
         let sent = match &via {
             Via::Session(session) => session.send(route.upstream, out).await,
-            Via::Peer(owner) => {
+            Via::Peer(owner, _) => {
                 shared
                     .peers
                     .send(owner, &route.cluster, route.upstream, out)
@@ -189,6 +197,7 @@ pub(super) async fn handle(
             }
         };
         return match sent {
+            Err(ForwardError::Moved { .. }) if via.probing() => not_here(&shared, &route.cluster),
             Ok(resp) if watch => {
                 // A watch ends cleanly when this server stops: its client
                 // resumes it, through another replica.
@@ -205,7 +214,7 @@ pub(super) async fn handle(
     let client_upgrade = hyper::upgrade::on(&mut inbound);
     let sent = match &via {
         Via::Session(session) => session.send_upgrade(route.upstream, out, &protocol).await,
-        Via::Peer(owner) => {
+        Via::Peer(owner, _) => {
             shared
                 .peers
                 .send_upgrade(owner, &route.cluster, route.upstream, out, &protocol)
@@ -213,6 +222,9 @@ pub(super) async fn handle(
         }
     };
     let mut resp = match sent {
+        Err(ForwardError::Moved { .. }) if via.probing() => {
+            return not_here(&shared, &route.cluster);
+        }
         Ok(Ok(switched)) => switched,
         Ok(Err(refused)) => return Holding::wrap(finish(refused), share),
         Err(e) => return forward_error(e),
@@ -249,8 +261,16 @@ struct Route {
 enum Via {
     /// The session is here.
     Session(Arc<crate::tunnel::Session>),
-    /// Another replica holds it (peer forwarding).
-    Peer(crate::peer::Owner),
+    /// Another replica holds it (peer forwarding), or, when probing, may:
+    /// none is recorded, the session was held lately, and this is the first
+    /// replica asked.
+    Peer(crate::peer::Owner, bool),
+}
+
+impl Via {
+    fn probing(&self) -> bool {
+        matches!(self, Via::Peer(_, true))
+    }
 }
 
 /// The answer for a cluster whose session no replica is known to hold: 503

@@ -99,6 +99,33 @@ impl Peers {
         owner.filter(|o| o.replica != self.replica)
     }
 
+    /// A replica to ask for `cluster`'s session when no valid owner is
+    /// recorded but it was held lately (its agent is likely reconnecting to,
+    /// or has reached, a replica that has not recorded itself yet). A
+    /// replica without it answers `421` and the request goes on to the next,
+    /// as for a stale owner.
+    pub(crate) fn probe(&self, cluster: &str) -> Option<Owner> {
+        if !self.enabled() {
+            return None;
+        }
+        let book = self.book.get()?;
+        if !book.lately_held(cluster) {
+            return None;
+        }
+        let others: Vec<Owner> = book
+            .replicas()
+            .into_iter()
+            .filter(|o| o.replica != self.replica)
+            .collect();
+        // Spread the first asked over the others, per cluster.
+        let start = cluster.bytes().map(usize::from).sum::<usize>();
+        let first = others.get(start % others.len().max(1)).cloned();
+        if first.is_some() {
+            self.metrics.probes.inc();
+        }
+        first
+    }
+
     /// The owner this replica believes in, for a `421` hint.
     pub(crate) fn hint(&self, cluster: &str) -> Option<String> {
         self.book
@@ -110,8 +137,10 @@ impl Peers {
 
     /// Forwards `req` (path-and-query URI, headers as the member should get
     /// them) for `cluster`'s `upstream` to `owner`. When the owner no longer
-    /// holds the session and names another replica, the request goes there
-    /// once, if it can be sent again (a body of at most 256 KiB).
+    /// holds the session (it names another replica), or cannot be reached
+    /// (its agent is likely reconnecting to another one), the request goes
+    /// to the next replica, if it can be sent again (a body of at most
+    /// 256 KiB) and surely did not reach the owner, or is safe to repeat.
     pub(crate) async fn send(
         &self,
         owner: &Owner,
@@ -120,36 +149,50 @@ impl Peers {
         req: Request<Body>,
     ) -> Result<Response<Incoming>, ForwardError> {
         let (req, replay) = replayable(req, cluster).await?;
-        let mut resp = self.send_to(owner, cluster, upstream, req).await?;
+        let safe = is_safe(&req);
         let mut tried = vec![owner.replica.clone()];
-        while resp.status() == StatusCode::MISDIRECTED_REQUEST {
+        let mut outcome = self.send_to(owner, cluster, upstream, req).await;
+        loop {
+            let hint = match &outcome {
+                Ok(resp) if resp.status() == StatusCode::MISDIRECTED_REQUEST => resp
+                    .headers()
+                    .get(OWNER_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                Err(Unsent::NotSent(_)) => None,
+                Err(Unsent::Lost(_)) if safe => None,
+                _ => break,
+            };
             let Some(replay) = &replay else { break };
-            let hint = resp
-                .headers()
-                .get(OWNER_HEADER)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
             let Some(next) = self.next_owner(hint.as_deref(), &tried) else {
                 break;
             };
-            tracing::debug!(%cluster, tried = ?tried, owner = %next.replica, "owner hint was stale; trying another replica");
-            tried.push(next.replica.clone());
-            resp = self
-                .send_to(&next, cluster, upstream, replay.request())
-                .await?;
-            if resp.status() != StatusCode::MISDIRECTED_REQUEST {
-                self.count("retried");
-                return Ok(resp);
+            match &outcome {
+                Ok(_) => {
+                    tracing::debug!(%cluster, tried = ?tried, owner = %next.replica, "owner hint was stale; trying another replica")
+                }
+                Err(_) => {
+                    tracing::debug!(%cluster, tried = ?tried, owner = %next.replica, "owner unreachable; trying another replica")
+                }
             }
+            tried.push(next.replica.clone());
+            outcome = self
+                .send_to(&next, cluster, upstream, replay.request())
+                .await;
         }
-        if resp.status() != StatusCode::MISDIRECTED_REQUEST {
-            self.count("forwarded");
-            return Ok(resp);
+        let resp = outcome.map_err(Unsent::into_error)?;
+        if resp.status() == StatusCode::MISDIRECTED_REQUEST {
+            self.count("moved");
+            return Err(ForwardError::Moved {
+                cluster: cluster.to_string(),
+            });
         }
-        self.count("moved");
-        Err(ForwardError::Moved {
-            cluster: cluster.to_string(),
-        })
+        self.count(if tried.len() > 1 {
+            "retried"
+        } else {
+            "forwarded"
+        });
+        Ok(resp)
     }
 
     /// Where to try next after the replicas in `tried` said they hold no
@@ -200,7 +243,7 @@ impl Peers {
         cluster: &str,
         upstream: &str,
         mut req: Request<Body>,
-    ) -> Result<Response<Incoming>, ForwardError> {
+    ) -> Result<Response<Incoming>, Unsent> {
         let unreachable = |reason: String| {
             self.count("unreachable");
             tracing::warn!(%cluster, replica = %owner.replica, address = %owner.address, %reason, "peer unreachable");
@@ -210,7 +253,10 @@ impl Peers {
                 reason,
             }
         };
-        let mut sender = self.sender(&owner.address).await.map_err(unreachable)?;
+        let mut sender = self
+            .sender(&owner.address)
+            .await
+            .map_err(|r| Unsent::NotSent(unreachable(r)))?;
         let pq = req
             .uri()
             .path_and_query()
@@ -223,12 +269,17 @@ impl Peers {
         *req.version_mut() = http::Version::HTTP_2;
         req.headers_mut().insert(
             HeaderName::from_static(CLUSTER_HEADER),
-            HeaderValue::from_str(cluster).map_err(|e| unreachable(e.to_string()))?,
+            HeaderValue::from_str(cluster)
+                .map_err(|e| Unsent::NotSent(unreachable(e.to_string())))?,
         );
-        sender
-            .send_request(req)
-            .await
-            .map_err(|e| unreachable(e.to_string()))
+        sender.try_send_request(req).await.map_err(|mut e| {
+            // hyper hands the request back when it never left this replica.
+            if e.take_message().is_some() {
+                Unsent::NotSent(unreachable(e.into_error().to_string()))
+            } else {
+                Unsent::Lost(unreachable(e.into_error().to_string()))
+            }
+        })
     }
 
     /// The connection to the peer at `address`, opened when there is none or
@@ -316,6 +367,31 @@ fn client_tls(ca: &tower_certs::Ca, replica: &str) -> anyhow::Result<rustls::Cli
         )?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+/// Why a forwarded request got no answer.
+enum Unsent {
+    /// It never left this replica (no connection to the peer).
+    NotSent(ForwardError),
+    /// It was sent, and the connection failed before an answer: the peer may
+    /// have acted on it.
+    Lost(ForwardError),
+}
+
+impl Unsent {
+    fn into_error(self) -> ForwardError {
+        match self {
+            Unsent::NotSent(e) | Unsent::Lost(e) => e,
+        }
+    }
+}
+
+/// Whether sending `req` twice does no more than sending it once.
+fn is_safe(req: &Request<Body>) -> bool {
+    matches!(
+        *req.method(),
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    )
 }
 
 /// A request that can be sent again: its head and a body read whole.

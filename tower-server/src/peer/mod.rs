@@ -51,7 +51,17 @@ pub trait OwnerBook: Send + Sync {
     fn replica(&self, replica: &str) -> Option<Owner>;
     /// Every replica whose Lease is valid and that has a peer address.
     fn replicas(&self) -> Vec<Owner>;
+    /// Whether `cluster`'s session was held lately though no valid owner is
+    /// recorded now: the replica recorded lost its Lease, or the record
+    /// stopped saying Connected less than [`PROBE_WINDOW`] ago. Its agent is
+    /// likely on another replica that has not recorded itself yet.
+    fn lately_held(&self, cluster: &str) -> bool;
 }
+
+/// How long after a cluster's session was last recorded the replicas are
+/// asked for it when no valid owner is recorded (see
+/// [`OwnerBook::lately_held`]).
+pub const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// `host:port` for `address` (`HOST[:PORT]`, an IPv6 host bare or in
 /// brackets), with `port` when it names none.
