@@ -981,26 +981,8 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         "watches ended before the kill"
     );
     // Each agent's connects, timed.
-    let connects: Arc<Mutex<Vec<Vec<Duration>>>> = Arc::new(Mutex::new(vec![Vec::new(); n]));
     let stop_timing = tokio_util::sync::CancellationToken::new();
-    for (i, agent) in agents.iter().enumerate() {
-        let mut state = agent.agent.state();
-        let (connects, stop) = (connects.clone(), stop_timing.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = state.changed() => if r.is_err() { return },
-                }
-                if matches!(
-                    *state.borrow_and_update(),
-                    tower_agent::AgentState::Connected { .. }
-                ) {
-                    connects.lock().unwrap()[i].push(t0.elapsed());
-                }
-            }
-        });
-    }
+    let connects = time_connects(&agents, t0, &stop_timing);
     // The GET loop: each cluster every 250 ms through the next live replica,
     // or less often past 300 clusters: every request ends at one real
     // kube-apiserver, whose own flow control answers 429 past a few
@@ -1362,25 +1344,7 @@ async fn a_rolling_restart_fails_no_request_and_moves_each_agent_once() {
     let t0 = Instant::now();
 
     // Each agent's connects, timed.
-    let connects: Arc<Mutex<Vec<Vec<Duration>>>> = Arc::new(Mutex::new(vec![Vec::new(); n]));
-    for (i, agent) in fleet.agents.iter().enumerate() {
-        let mut state = agent.agent.state();
-        let (connects, stop) = (connects.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = state.changed() => if r.is_err() { return },
-                }
-                if matches!(
-                    *state.borrow_and_update(),
-                    tower_agent::AgentState::Connected { .. }
-                ) {
-                    connects.lock().unwrap()[i].push(t0.elapsed());
-                }
-            }
-        });
-    }
+    let connects = time_connects(&fleet.agents, t0, &stop);
     // A GET loop and a resumed watch per cluster, through the load balancer.
     let failures: Arc<Mutex<Vec<String>>> = Default::default();
     let gets: Arc<std::sync::atomic::AtomicUsize> = Default::default();
@@ -1602,6 +1566,36 @@ async fn getter_watch(
     Ok(resp)
 }
 
+/// When each agent got a session (its `Connected` states, counted from
+/// `t0`), recorded until `stop`.
+fn time_connects(
+    agents: &[TowerAgent],
+    t0: Instant,
+    stop: &tokio_util::sync::CancellationToken,
+) -> Arc<Mutex<Vec<Vec<Duration>>>> {
+    let connects: Arc<Mutex<Vec<Vec<Duration>>>> =
+        Arc::new(Mutex::new(vec![Vec::new(); agents.len()]));
+    for (i, agent) in agents.iter().enumerate() {
+        let mut state = agent.agent.state();
+        let (connects, stop) = (connects.clone(), stop.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = state.changed() => if r.is_err() { return },
+                }
+                if matches!(
+                    *state.borrow_and_update(),
+                    tower_agent::AgentState::Connected { .. }
+                ) {
+                    connects.lock().unwrap()[i].push(t0.elapsed());
+                }
+            }
+        });
+    }
+    connects
+}
+
 /// Sends `signal` (`STOP`, `CONT`) to process `pid`.
 fn signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
@@ -1680,26 +1674,8 @@ async fn a_paused_replica_is_routed_around_and_its_agents_move() {
     );
 
     // Each agent's connects, timed.
-    let connects: Arc<Mutex<Vec<Vec<Duration>>>> = Arc::new(Mutex::new(vec![Vec::new(); n]));
     let stop = tokio_util::sync::CancellationToken::new();
-    for (i, agent) in fleet.agents.iter().enumerate() {
-        let mut state = agent.agent.state();
-        let (connects, stop) = (connects.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = state.changed() => if r.is_err() { return },
-                }
-                if matches!(
-                    *state.borrow_and_update(),
-                    tower_agent::AgentState::Connected { .. }
-                ) {
-                    connects.lock().unwrap()[i].push(t0.elapsed());
-                }
-            }
-        });
-    }
+    let connects = time_connects(&fleet.agents, t0, &stop);
     // Conditions, sampled every 250 ms.
     let samples: Arc<Mutex<Vec<Sample>>> = Default::default();
     let sampler = {
