@@ -199,13 +199,29 @@ async fn serve_http<I>(
         }
     });
     let conn = builder.serve_connection_with_upgrades(io, service);
+    serve_until_shutdown(conn, &shutdown, peer, "gateway").await;
+}
+
+/// How long a stopping server lets a connection's requests in flight finish.
+const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);
+
+/// Serves `conn` (from `peer`, a `door` connection) until it ends, or until
+/// `shutdown`: then no new requests (HTTP/2 GOAWAY, HTTP/1.1 closes after
+/// the current one), those in flight get [`GRACEFUL_CLOSE`] to finish,
+/// watches end at their next event, upgraded streams are cut.
+pub(crate) async fn serve_until_shutdown<C>(
+    conn: C,
+    shutdown: &CancellationToken,
+    peer: SocketAddr,
+    door: &'static str,
+) where
+    C: hyper_util::server::graceful::GracefulConnection,
+    C::Error: std::fmt::Display,
+{
     tokio::pin!(conn);
     let ended = tokio::select! {
         r = conn.as_mut() => r,
         _ = shutdown.cancelled() => {
-            // Stopping: no new requests (HTTP/2 GOAWAY, HTTP/1.1 closes after
-            // the current one); those in flight finish, watches end at their
-            // next event; upgraded streams are cut.
             conn.as_mut().graceful_shutdown();
             match tokio::time::timeout(GRACEFUL_CLOSE, conn.as_mut()).await {
                 Ok(r) => r,
@@ -214,10 +230,6 @@ async fn serve_http<I>(
         }
     };
     if let Err(e) = ended {
-        tracing::debug!(%peer, error = %e, "gateway connection ended");
+        tracing::debug!(%peer, error = %e, door, "connection ended");
     }
 }
-
-/// How long a stopping server lets a client connection's requests in flight
-/// finish.
-const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);

@@ -26,8 +26,6 @@ use super::{CLUSTER_HEADER, OWNER_HEADER, PEER_CN_PREFIX};
 use crate::gateway;
 use crate::server::Shared;
 
-/// How long a stopping replica lets a peer's forwarded requests finish.
-const GRACEFUL_CLOSE: Duration = Duration::from_secs(5);
 /// A peer must finish its TLS handshake within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Forwarded streams one peer connection may carry at once: every request
@@ -92,21 +90,7 @@ async fn serve_connection(
         async move { Ok::<_, std::convert::Infallible>(answer(shared, client.as_deref(), req).await) }
     });
     let conn = builder.serve_connection(io, service);
-    tokio::pin!(conn);
-    let ended = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = shutdown.cancelled() => {
-            // As the gateway does: GOAWAY, and what is in flight finishes.
-            conn.as_mut().graceful_shutdown();
-            match tokio::time::timeout(GRACEFUL_CLOSE, conn.as_mut()).await {
-                Ok(r) => r,
-                Err(_) => return,
-            }
-        }
-    };
-    if let Err(e) = ended {
-        tracing::debug!(%peer, error = %e, "peer connection ended");
-    }
+    gateway::serve_until_shutdown(conn, &shutdown, peer, "peer").await;
 }
 
 /// Answers one forwarded request from the replica named by `client`.
