@@ -5,7 +5,7 @@
 //! member through each, and a quiet Cluster staying unwritten.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -207,27 +207,6 @@ async fn request(
     (status, resp.into_body().collect().await.unwrap().to_bytes())
 }
 
-/// The kubeconfig of `c` for kubectl on this machine: the test bed has no
-/// kube-proxy, so the Service address becomes the listener's own port, with
-/// the TLS server name kept (the DNAT a kube-proxy does).
-fn loopback_kubeconfig(c: &Cluster, dir: &Path, port: u16) -> PathBuf {
-    let conn = c.spec.connection.as_ref().unwrap();
-    let endpoint: http::Uri = conn
-        .kubernetes_api_endpoint
-        .as_deref()
-        .unwrap()
-        .parse()
-        .unwrap();
-    let mut doc: serde_json::Value =
-        yaml_serde::from_slice(&conn.kubeconfig.as_ref().unwrap().0).unwrap();
-    let entry = &mut doc["clusters"][0]["cluster"];
-    entry["server"] = format!("https://127.0.0.1:{port}").into();
-    entry["tls-server-name"] = endpoint.host().unwrap().into();
-    let path = dir.join(format!("{}-loopback.kubeconfig", c.name_any()));
-    std::fs::write(&path, yaml_serde::to_string(&doc).unwrap()).unwrap();
-    path
-}
-
 const SELF_SUBJECT_REVIEW: &str =
     r#"{"apiVersion":"authentication.k8s.io/v1","kind":"SelfSubjectReview"}"#;
 
@@ -338,7 +317,11 @@ async fn set_up_listeners_and_identity_by_credential() {
     );
 
     // kubectl with the Cluster's kubeconfig: the agent's identity.
-    let kc = loopback_kubeconfig(&c, env.dir.path(), kube_port);
+    let kc = fixture::kube::kubeconfig_through(
+        &c,
+        env.dir.path(),
+        SocketAddr::from(([127, 0, 0, 1], kube_port)),
+    );
     let ns = fixture::kubectl(&kc, &["get", "ns", "-o", "name"], None)
         .await
         .unwrap();
@@ -529,7 +512,11 @@ async fn kubectl_watch_and_upgrades_through_the_cluster_listeners() {
         Duration::from_secs(20),
     )
     .await;
-    let kc = loopback_kubeconfig(&c, env.dir.path(), kube_port);
+    let kc = fixture::kube::kubeconfig_through(
+        &c,
+        env.dir.path(),
+        SocketAddr::from(([127, 0, 0, 1], kube_port)),
+    );
     let k = |args: &'static [&'static str], stdin: Option<&'static str>| {
         let kc = kc.clone();
         async move {
@@ -971,12 +958,13 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
     );
     // ... and tower counts the refusals in its metrics.
     let refusals = eventually(Duration::from_secs(10), || async {
-        let metrics = http_get(env.server.ops_addr, "/metrics").await;
-        metrics
-            .lines()
-            .find(|l| l.starts_with("tower_server_cluster_write_refusals_total "))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-            .filter(|n| *n > 0.0)
+        fixture::http::metric(
+            env.server.ops_addr,
+            "tower_server_cluster_write_refusals_total",
+        )
+        .await
+        .unwrap()
+        .filter(|n| *n > 0.0)
     })
     .await;
     assert!(refusals.is_some(), "no refused Cluster write in /metrics");
@@ -1040,11 +1028,4 @@ async fn kubesphere_console_dispatcher_controller_and_webhook() {
         deleted.elapsed()
     );
     ks_host.stop().await.unwrap();
-}
-
-/// A plain HTTP/1.1 GET; the body as text.
-async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let (code, body) = request(addr, None, path, &[]).await;
-    assert_eq!(code, 200, "GET {path}");
-    String::from_utf8_lossy(&body).to_string()
 }

@@ -52,6 +52,8 @@ struct Replica {
     process: Process,
     gateway: SocketAddr,
     peer: SocketAddr,
+    /// `/metrics`.
+    ops: SocketAddr,
     log: PathBuf,
 }
 
@@ -68,6 +70,7 @@ async fn spawn_replica(
     name: &str,
     ssh: u16,
     lease: (u64, u64),
+    extra: &[String],
 ) -> Replica {
     let log = dir.join(format!("{name}.log"));
     let mut cmd =
@@ -85,7 +88,7 @@ async fn spawn_replica(
         "--peer-address",
         "127.0.0.1",
         "--ops-listen",
-        "",
+        "127.0.0.1:0",
         "--keepalive-interval",
         "1",
         "--lease-duration",
@@ -94,6 +97,7 @@ async fn spawn_replica(
         &lease.1.to_string(),
         "--print-ports",
     ])
+    .args(extra)
     .arg("--state-dir")
     .arg(dir.join(name))
     .env("KUBECONFIG", host.admin_kubeconfig())
@@ -107,7 +111,7 @@ async fn spawn_replica(
                 .find_map(|w| w.strip_prefix(key))
                 .and_then(|p| p.parse().ok())
         };
-        Some((port("gateway=")?, port("peer=")?))
+        Some((port("gateway=")?, port("peer=")?, port("ops=")?))
     })
     .await
     .unwrap_or_else(|| panic!("{name} printed no ports:\n{}", read(&log)));
@@ -116,6 +120,7 @@ async fn spawn_replica(
         process,
         gateway: SocketAddr::from(([127, 0, 0, 1], ports.0)),
         peer: SocketAddr::from(([127, 0, 0, 1], ports.1)),
+        ops: SocketAddr::from(([127, 0, 0, 1], ports.2)),
         log,
     }
 }
@@ -278,10 +283,7 @@ fn kube_system(cluster: &str) -> String {
 
 /// Reads a response head plus the first bytes of an upgraded or streamed
 /// HTTP/1.1 exchange until `needle` shows up.
-async fn read_until(
-    tls: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    needle: &str,
-) -> String {
+async fn read_until<R: tokio::io::AsyncRead + Unpin>(tls: &mut R, needle: &str) -> String {
     let mut buf = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !String::from_utf8_lossy(&buf).contains(needle) && Instant::now() < deadline {
@@ -292,6 +294,110 @@ async fn read_until(
         }
     }
     String::from_utf8_lossy(&buf).to_string()
+}
+
+/// An upgraded stream at `path` (ks-apiserver's echo) over `io`: `101`, then
+/// `rounds` messages of growing size echoed back whole.
+async fn echo_upgrade<S>(io: &mut S, path: &str, rounds: usize) -> Result<(), String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let req = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\
+         Connection: Upgrade\r\nUpgrade: echo\r\nContent-Length: 0\r\n\r\n"
+    );
+    io.write_all(req.as_bytes())
+        .await
+        .map_err(|e| format!("writing the upgrade: {e}"))?;
+    let head = read_until(io, "\r\n\r\n").await;
+    if !head.starts_with("HTTP/1.1 101") {
+        return Err(format!("upgrade answered {head:?}"));
+    }
+    for round in 0..rounds {
+        let msg = format!("round {round}: {}", "z".repeat(round * 10_000));
+        io.write_all(msg.as_bytes())
+            .await
+            .map_err(|e| format!("round {round}: {e}"))?;
+        let mut back = vec![0u8; msg.len()];
+        match tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut back)).await {
+            Ok(Ok(_)) if back == msg.as_bytes() => {}
+            Ok(Ok(_)) => return Err(format!("round {round}: other bytes came back")),
+            Ok(Err(e)) => return Err(format!("round {round}: {e}")),
+            Err(_) => return Err(format!("round {round}: nothing back within 5 s")),
+        }
+    }
+    Ok(())
+}
+
+/// A watch of `cluster`'s namespaces over `h2` (its first event), then an
+/// upgraded stream through the gateway at `addr` carrying bytes both ways.
+async fn watch_and_echo(
+    h2: &H2Client,
+    addr: SocketAddr,
+    ca: &str,
+    id: &raw::Identity,
+    cluster: &str,
+) -> Result<(), String> {
+    let limit = Duration::from_secs(10);
+    let mut h2 = h2.clone();
+    let watch = fixture::http::get_h2(&format!(
+        "/clusters/{cluster}/api/v1/namespaces?watch=true&resourceVersion=0"
+    ));
+    let resp = tokio::time::timeout(limit, h2.send_request(watch))
+        .await
+        .map_err(|_| "watch: no answer within 10 s".to_string())?
+        .map_err(|e| format!("watch: {e}"))?;
+    if resp.status() != 200 {
+        return Err(format!("watch: {}", resp.status()));
+    }
+    let mut body = resp.into_body();
+    let first = tokio::time::timeout(limit, body.frame())
+        .await
+        .map_err(|_| "watch: no event within 10 s".to_string())?
+        .ok_or("watch: ended before an event")?
+        .map_err(|e| format!("watch: {e}"))?
+        .into_data()
+        .unwrap_or_default();
+    if !String::from_utf8_lossy(&first).contains("ADDED") {
+        return Err(format!(
+            "watch: first data {:?}",
+            String::from_utf8_lossy(&first)
+        ));
+    }
+    drop(body);
+    let mut tls = raw::connect(addr, ca, Some(id), false)
+        .await
+        .map_err(|e| format!("connecting for the upgrade: {e}"))?;
+    echo_upgrade(&mut tls, &format!("/kapis/clusters/{cluster}/echo"), 3).await
+}
+
+/// A peer certificate for `replica`, minted from the tower CA in the host's
+/// Secret, as a replica holds one.
+async fn peer_identity(client: &kube::Client, replica: &str) -> raw::Identity {
+    let secret = Api::<KubeSecret>::namespaced(client.clone(), NAMESPACE)
+        .get("tower-ca")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    let tower_ca = tower_certs::Ca::from_pem(
+        std::str::from_utf8(&secret["ca.crt"].0).unwrap(),
+        std::str::from_utf8(&secret["ca.key"].0).unwrap(),
+    )
+    .unwrap();
+    let cert = tower_ca
+        .issue_client(
+            &tower_certs::ClientIdentity {
+                common_name: format!("{}{replica}", tower_server::peer::PEER_CN_PREFIX),
+                organizations: Vec::new(),
+            },
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    raw::Identity {
+        cert_pem: cert.cert_pem,
+        key_pem: cert.key_pem,
+    }
 }
 
 /// A GET's outcome in the kill -9 phase.
@@ -402,6 +508,18 @@ impl Fleet {
         lease: (u64, u64),
         tweak: impl Fn(usize, &mut tower_agent::AgentConfig),
     ) -> Self {
+        Self::start_with(n, log_name, lease, |_| Vec::new(), tweak).await
+    }
+
+    /// Like [`Fleet::start_tweaked`], with `server_args(i)` added to the
+    /// `i`th replica's arguments.
+    async fn start_with(
+        n: usize,
+        log_name: &str,
+        lease: (u64, u64),
+        server_args: impl Fn(usize) -> Vec<String>,
+        tweak: impl Fn(usize, &mut tower_agent::AgentConfig),
+    ) -> Self {
         let bed = fixture::start_logged_bed(log_name).await.unwrap();
         let mut planes = bed.clusters(&["host", "member"]).await.unwrap();
         let member = planes.pop().unwrap();
@@ -424,8 +542,9 @@ impl Fleet {
             .collect();
         let mut replicas = Vec::new();
         for (i, port) in ssh_ports.iter().enumerate() {
-            replicas
-                .push(spawn_replica(&host, dir.path(), &format!("tower-{i}"), *port, lease).await);
+            let name = format!("tower-{i}");
+            let extra = server_args(i);
+            replicas.push(spawn_replica(&host, dir.path(), &name, *port, lease, &extra).await);
         }
         let ssh_lb = RoundRobin::start(
             ssh_ports
@@ -666,7 +785,35 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         );
     }
 
-    // A watch and two upgraded streams through replicas not holding the
+    // A watch and an upgraded stream for every cluster through every
+    // replica's gateway (two of the three without the session).
+    let phase = Instant::now();
+    let streamed: Vec<Answer> = stream::iter(connections.iter())
+        .map(|((c, r), h2)| {
+            let (ca, id, addr) = (&ca, &identities[c], replicas[*r].gateway);
+            async move {
+                let got = watch_and_echo(h2, addr, ca, id, c).await;
+                (c.clone(), *r, got.map(|()| (200, 0)))
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let failed: Vec<_> = streamed.iter().filter(|(_, _, a)| a.is_err()).collect();
+    eprintln!(
+        "a watch and an echo upgrade for every cluster through every replica: {} in {:.1?}, {} failed",
+        streamed.len(),
+        phase.elapsed(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed, e.g. {:?}",
+        failed.len(),
+        streamed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    // The apiserver's own WebSocket upgrade, through a replica without the
     // session, for a sample of clusters.
     let sample: Vec<&String> = identities.keys().step_by((n / 30).max(1)).collect();
     for c in &sample {
@@ -675,24 +822,6 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
             .find(|r| replicas[*r].name != owner[*c])
             .expect("a replica without the session");
         let addr = replicas[other].gateway;
-        // Watch over HTTP/2.
-        let mut h2 = connections[&((*c).clone(), other)].clone();
-        let resp = h2
-            .send_request(fixture::http::get_h2(&format!(
-                "/clusters/{c}/api/v1/namespaces?watch=true&resourceVersion=0"
-            )))
-            .await
-            .unwrap();
-        assert_eq!(
-            resp.status(),
-            200,
-            "{c} watch through {}",
-            replicas[other].name
-        );
-        let mut body = resp.into_body();
-        let first = fixture::http::next_data(&mut body, Duration::from_secs(10)).await;
-        assert!(String::from_utf8_lossy(&first).contains("ADDED"), "{c}");
-        // WebSocket watch: the real apiserver's upgrade, through two replicas.
         let mut tls = raw::connect(addr, &ca, Some(id), false).await.unwrap();
         let req = format!(
             "GET /clusters/{c}/api/v1/namespaces?watch=true HTTP/1.1\r\nHost: 127.0.0.1\r\n\
@@ -708,30 +837,38 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
             "{c}: {text}"
         );
         assert!(text.contains("ADDED"), "{c}: {text}");
-        // Bytes both ways through an upgraded stream (ks-apiserver's echo).
-        let mut tls = raw::connect(addr, &ca, Some(id), false).await.unwrap();
-        let req = format!(
-            "POST /kapis/clusters/{c}/echo HTTP/1.1\r\nHost: 127.0.0.1\r\n\
-             Connection: Upgrade\r\nUpgrade: echo\r\nContent-Length: 0\r\n\r\n"
-        );
-        tls.write_all(req.as_bytes()).await.unwrap();
-        let head = read_until(&mut tls, "\r\n\r\n").await;
-        assert!(head.starts_with("HTTP/1.1 101"), "{c}: {head}");
-        for round in 0..5 {
-            let msg = format!("round {round}: {}", "z".repeat(round * 10_000));
-            tls.write_all(msg.as_bytes()).await.unwrap();
-            let mut back = vec![0u8; msg.len()];
-            tokio::time::timeout(Duration::from_secs(5), tls.read_exact(&mut back))
-                .await
-                .unwrap()
-                .unwrap();
-            assert_eq!(back, msg.as_bytes(), "{c}");
-        }
     }
     eprintln!(
-        "watch, WebSocket watch and echo upgrade through a replica without the session: {} clusters",
+        "WebSocket watch through a replica without the session: {} clusters",
         sample.len()
     );
+
+    // Cost: bytes on the peer connections so far, every replica both
+    // sending and receiving (it forwarded, and it served forwarded requests).
+    for r in &replicas {
+        let mut seen = Vec::new();
+        for direction in ["sent", "received"] {
+            let series = format!("tower_server_peer_bytes_total{{direction=\"{direction}\"}}");
+            let value = fixture::http::metric(r.ops, &series)
+                .await
+                .unwrap()
+                .unwrap_or(0.0);
+            assert!(value > 0.0, "{}: {series} is {value}", r.name);
+            seen.push(format!("{direction} {:.1} MB", value / 1e6));
+        }
+        let forwarded = fixture::http::metric(
+            r.ops,
+            "tower_server_peer_requests_total{result=\"forwarded\"}",
+        )
+        .await
+        .unwrap()
+        .unwrap_or(0.0);
+        eprintln!(
+            "cost: {} peer bytes {}; {forwarded} requests forwarded",
+            r.name,
+            seen.join(", ")
+        );
+    }
 
     // 2. Hostile: the peer port takes replicas only; a peer certificate
     // reaches nothing through the gateway; a cluster-bound certificate
@@ -762,30 +899,7 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
             "no certificate, no peer connection"
         );
         // A peer certificate minted from the CA (as a replica holds one).
-        let secret = Api::<KubeSecret>::namespaced(client.clone(), NAMESPACE)
-            .get("tower-ca")
-            .await
-            .unwrap()
-            .data
-            .unwrap();
-        let tower_ca = tower_certs::Ca::from_pem(
-            std::str::from_utf8(&secret["ca.crt"].0).unwrap(),
-            std::str::from_utf8(&secret["ca.key"].0).unwrap(),
-        )
-        .unwrap();
-        let peer_cert = tower_ca
-            .issue_client(
-                &tower_certs::ClientIdentity {
-                    common_name: format!("{}tower-9", tower_server::peer::PEER_CN_PREFIX),
-                    organizations: Vec::new(),
-                },
-                Duration::from_secs(600),
-            )
-            .unwrap();
-        let peer_id = raw::Identity {
-            cert_pem: peer_cert.cert_pem,
-            key_pem: peer_cert.key_pem,
-        };
+        let peer_id = peer_identity(&client, "tower-9").await;
         for r in &replicas {
             let h2 = gateway_h2(r.gateway, &ca, &peer_id).await.unwrap();
             let (status, _) = fetch(&h2, &kube_system(&c0), Duration::from_secs(5))
@@ -1029,10 +1143,13 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         .holder_identity
         .unwrap();
     let owner = owners(&agents_api).await;
+    // TOWER_TEST_KILL=leader kills the leader instead, to measure the write
+    // burst when a new leader takes over; the suite kills a follower.
+    let kill_leader = std::env::var("TOWER_TEST_KILL").is_ok_and(|v| v == "leader");
     let victim = replicas
         .iter()
-        .position(|r| r.name != leader && owner.values().any(|o| *o == r.name))
-        .expect("a follower holding sessions");
+        .position(|r| (r.name == leader) == kill_leader && owner.values().any(|o| *o == r.name))
+        .expect("a replica of the kind asked for holding sessions");
     let victim_name = replicas[victim].name.clone();
     let affected: Vec<String> = owner
         .iter()
@@ -1091,7 +1208,13 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
     let period = Duration::from_millis(250) * (n as u32).div_ceil(300);
     let killed_at: Arc<Mutex<Option<Duration>>> = Default::default();
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Default::default();
-    let loop_until = Instant::now() + Duration::from_secs(20);
+    // Past the leader's Lease when the leader dies, for its successor's writes.
+    let loop_for = if kill_leader {
+        20 + CHART_LEASE.0 + 10
+    } else {
+        20
+    };
+    let loop_until = Instant::now() + Duration::from_secs(loop_for);
     let mut loops = Vec::new();
     for (k, c) in identities.keys().enumerate() {
         let (outcomes, killed_at, c) = (outcomes.clone(), killed_at.clone(), c.clone());
@@ -1282,6 +1405,13 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
     .await
     .expect("every Agent names a surviving replica");
     assert_eq!(after.len(), n);
+    let clusters: Api<Cluster> = Api::all(client.clone());
+    wait_all_available(&clusters, n, Duration::from_secs(60)).await;
+    eprintln!(
+        "kill -9 {victim_name}: by {:.1?} after the kill every Agent names a survivor and every Cluster reads AgentAvailable True; {} Cluster and Agent writes since the kill",
+        t0.elapsed() - kill,
+        writes.load(std::sync::atomic::Ordering::Relaxed) - writes_before_kill
+    );
     drop(agents);
     for r in &mut replicas {
         r.process.kill9();
@@ -1560,7 +1690,8 @@ async fn a_rolling_restart_fails_no_request_and_moves_each_agent_once() {
             .unwrap()
             .port();
         let name = format!("tower-{}", 3 + k);
-        let fresh = spawn_replica(&fleet.host, fleet._dir.path(), &name, port, TEST_LEASE).await;
+        let fresh =
+            spawn_replica(&fleet.host, fleet._dir.path(), &name, port, TEST_LEASE, &[]).await;
         let leases = Api::<Lease>::namespaced(fleet.client.clone(), NAMESPACE);
         eventually(Duration::from_secs(20), || async {
             leases
@@ -2063,4 +2194,159 @@ async fn a_paused_replica_is_routed_around_and_its_agents_move() {
     assert!(again.is_some(), "{victim_name} serves again after SIGCONT");
     assert!(claimed.is_empty(), "{claimed:?}");
     assert_eq!(owner.len(), n, "every Agent names a replica");
+}
+
+/// KubeSphere mode's ports for the listeners here; each replica binds them on
+/// an address of its own.
+const KUBESPHERE_PORTS: &str = "21000-21099";
+
+/// KubeSphere mode on three replicas. Every replica binds every cluster's
+/// kube and ks listeners (on an address of its own here, as each pod has its
+/// own IP behind Service `mc-<cluster>`), and each answers for every cluster,
+/// whichever replica holds its session: kubectl with the Cluster's
+/// kubeconfig, ks-apiserver over plain HTTP, and an upgraded stream. The
+/// replicas run with `--gateway-any-cluster`: one cluster's certificate
+/// reaches every cluster through every replica's gateway, and a replica's
+/// peer certificate still reaches none, at a gateway or a kube listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubesphere_listeners_of_every_replica_reach_every_cluster() {
+    let _one_at_a_time = ONE_FLEET.lock().await;
+    let n = 12;
+    let listen_host = |i: usize| std::net::IpAddr::from([127, 0, 0, 2 + i as u8]);
+    let fleet = Fleet::start_with(
+        n,
+        "tower-replicas-kubesphere.log",
+        TEST_LEASE,
+        |i| {
+            vec![
+                "--kubesphere".into(),
+                "--kubesphere-ports".into(),
+                KUBESPHERE_PORTS.into(),
+                "--kubesphere-listen-host".into(),
+                listen_host(i).to_string(),
+                "--gateway-any-cluster".into(),
+            ]
+        },
+        |_, _| {},
+    )
+    .await;
+    let clusters: Api<Cluster> = Api::all(fleet.client.clone());
+    let member_uid =
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(fleet._member.client().await.unwrap())
+            .get("kube-system")
+            .await
+            .unwrap()
+            .metadata
+            .uid
+            .unwrap();
+
+    // Every cluster through every replica's listeners.
+    let phase = Instant::now();
+    let mut through_other = 0;
+    for c in fleet.identities.keys() {
+        let cluster = clusters.get(c).await.unwrap();
+        let conn = cluster.spec.connection.as_ref().unwrap();
+        let (kube_port, ks_port) = (
+            conn.kubernetes_api_server_port.unwrap(),
+            conn.kubesphere_api_server_port.unwrap(),
+        );
+        for (r, replica) in fleet.replicas.iter().enumerate() {
+            let at = |port| SocketAddr::new(listen_host(r), port);
+            let kc = fixture::kube::kubeconfig_through(&cluster, fleet._dir.path(), at(kube_port));
+            let uid = fixture::kubectl(
+                &kc,
+                &["get", "ns", "kube-system", "-o", "jsonpath={.metadata.uid}"],
+                None,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{c} through {}'s kube listener: {e}", replica.name));
+            assert_eq!(uid.trim(), member_uid, "{c} through {}", replica.name);
+            let (code, body) = fixture::http::plain_get(at(ks_port), "/kapis/version")
+                .await
+                .unwrap();
+            assert_eq!(
+                code,
+                200,
+                "{c} through {}'s ks listener: {}",
+                replica.name,
+                String::from_utf8_lossy(&body)
+            );
+            let mut tcp = tokio::net::TcpStream::connect(at(ks_port)).await.unwrap();
+            echo_upgrade(&mut tcp, "/kapis/echo", 3)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!("{c} upgraded through {}'s ks listener: {e}", replica.name)
+                });
+            if fleet.owner[c] != replica.name {
+                through_other += 1;
+            }
+        }
+    }
+    eprintln!(
+        "kubesphere: kubectl, ks GET and an echo upgrade for {n} clusters through each of 3 replicas' listeners ({through_other} of them through a replica without the session) in {:.1?}",
+        phase.elapsed()
+    );
+    assert_eq!(through_other, 2 * n, "every cluster through two non-owners");
+
+    // Any cluster: the first cluster's certificate reaches every cluster
+    // through every replica's gateway.
+    let (c0, id0) = fleet.identities.iter().next().unwrap();
+    for replica in &fleet.replicas {
+        let h2 = gateway_h2(replica.gateway, &fleet.ca, id0).await.unwrap();
+        for c in fleet.identities.keys() {
+            let got = fetch(&h2, &kube_system(c), Duration::from_secs(10)).await;
+            assert!(
+                matches!(got, Ok((200, _))),
+                "{c0}'s certificate for {c} through {}: {got:?}",
+                replica.name
+            );
+        }
+    }
+
+    // A replica's peer certificate reaches nothing through a client door,
+    // any-cluster or not: each gateway, and each kube listener of c0.
+    let peer_id = peer_identity(&fleet.client, "tower-9").await;
+    let cluster = clusters.get(c0).await.unwrap();
+    let kube_port = cluster
+        .spec
+        .connection
+        .as_ref()
+        .unwrap()
+        .kubernetes_api_server_port
+        .unwrap();
+    for (r, replica) in fleet.replicas.iter().enumerate() {
+        let h2 = gateway_h2(replica.gateway, &fleet.ca, &peer_id)
+            .await
+            .unwrap();
+        let got = fetch(&h2, &kube_system(c0), Duration::from_secs(5)).await;
+        assert!(
+            matches!(got, Ok((403, _))),
+            "a peer certificate at {}'s gateway: {got:?}",
+            replica.name
+        );
+        let listener = SocketAddr::new(listen_host(r), kube_port);
+        let io = raw::connect(listener, &fleet.ca, Some(&peer_id), false)
+            .await
+            .unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let resp = sender
+            .send_request(fixture::http::get_h1("/api/v1/namespaces/kube-system"))
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            status,
+            403,
+            "a peer certificate at {}'s kube listener for {c0}: {}",
+            replica.name,
+            String::from_utf8_lossy(&body)
+        );
+        fixture::http::assert_status(&body, 403, "Forbidden");
+    }
+    eprintln!("kubesphere: a peer certificate refused at 3 gateways and 3 kube listeners");
 }

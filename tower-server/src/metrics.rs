@@ -43,6 +43,12 @@ pub struct PeerLabel {
     pub result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerBytesLabel {
+    /// `sent` or `received` by this replica on its peer connections.
+    pub direction: &'static str,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     pub sessions: Gauge,
@@ -57,6 +63,7 @@ pub struct Metrics {
     pub peer_requests: Family<PeerLabel, Counter>,
     pub peer_served: Counter,
     pub peer_connections: Gauge,
+    pub peer_bytes: Family<PeerBytesLabel, Counter>,
     pub owner_lookup_misses: Counter,
     pub probes: Counter,
     pub hand_offs: Counter,
@@ -79,6 +86,7 @@ impl Metrics {
             peer_requests: Family::default(),
             peer_served: Counter::default(),
             peer_connections: Gauge::default(),
+            peer_bytes: Family::default(),
             owner_lookup_misses: Counter::default(),
             probes: Counter::default(),
             hand_offs: Counter::default(),
@@ -96,6 +104,7 @@ impl Metrics {
             "peer_requests": m.peer_requests => "Requests this replica forwarded to the replica holding their cluster's session, by result",
             "peer_served": m.peer_served => "Forwarded requests other replicas sent here",
             "peer_connections": m.peer_connections => "HTTP/2 connections open from this replica to peers",
+            "peer_bytes": m.peer_bytes => "Bytes (HTTP/2, inside TLS) this replica sent and received on peer connections, both the ones it opened and the ones it took",
             "owner_lookup_misses": m.owner_lookup_misses => "Requests for a cluster whose session no replica was known to hold",
             "peer_probes": m.probes => "Requests sent to other replicas for a cluster held lately whose new owner had not recorded itself yet",
             "hand_offs": m.hand_offs => "Agents this replica asked to move (or disconnected) while going away");

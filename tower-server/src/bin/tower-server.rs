@@ -218,6 +218,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(peer) = &peer {
         ports.push_str(&format!(" peer={}", peer.local_addr()?.port()));
     }
+    if let Some(ops) = &ops {
+        ports.push_str(&format!(" ops={}", ops.local_addr()?.port()));
+    }
     let listeners = tower_server::Listeners {
         ssh,
         gateway,

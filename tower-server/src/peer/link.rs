@@ -325,7 +325,7 @@ impl Peers {
             .keep_alive_timeout(PING_TIMEOUT)
             .keep_alive_while_idle(true);
         let (mut sender, conn) = builder
-            .handshake(TokioIo::new(tls))
+            .handshake(TokioIo::new(super::Counted::new(tls, self.metrics.clone())))
             .await
             .map_err(|e| format!("HTTP/2: {e}"))?;
         let metrics = self.metrics.clone();

@@ -17,11 +17,20 @@
 //!   the request can be sent again ([`link`]).
 //! - Upgrades (exec, attach, port-forward, WebSocket) cross as extended
 //!   CONNECT, the encoding the tunnel itself uses ([`tower_proto::tunnel`]).
+//! - Both ends count the bytes their peer connections carry ([`Counted`]).
 //!
 //! [`link`] is the entry's side, [`serve`] the owner's.
 
 mod link;
 mod serve;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::metrics::{Metrics, PeerBytesLabel};
 
 pub(crate) use link::Peers;
 pub(crate) use serve::{serve, tls};
@@ -62,6 +71,82 @@ pub trait OwnerBook: Send + Sync {
 /// asked for it when no valid owner is recorded (see
 /// [`OwnerBook::lately_held`]).
 pub const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// A peer connection that adds the bytes it carries (HTTP/2, inside TLS) to
+/// the `peer_bytes` counters, by direction.
+pub(crate) struct Counted<T> {
+    inner: T,
+    metrics: Arc<Metrics>,
+}
+
+impl<T> Counted<T> {
+    pub(crate) fn new(inner: T, metrics: Arc<Metrics>) -> Self {
+        Self { inner, metrics }
+    }
+
+    fn add(&self, direction: &'static str, n: usize) {
+        if n > 0 {
+            self.metrics
+                .peer_bytes
+                .get_or_create(&PeerBytesLabel { direction })
+                .inc_by(n as u64);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = polled {
+            let n = buf.filled().len() - before;
+            self.add("received", n);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.add("sent", n);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.add("sent", n);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
 
 /// `host:port` for `address` (`HOST[:PORT]`, an IPv6 host bare or in
 /// brackets), with `port` when it names none.

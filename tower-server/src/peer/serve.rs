@@ -22,7 +22,7 @@ use tower_proto::tunnel::{
     encode_upgrade_refusal,
 };
 
-use super::{CLUSTER_HEADER, OWNER_HEADER, PEER_CN_PREFIX};
+use super::{CLUSTER_HEADER, Counted, OWNER_HEADER, PEER_CN_PREFIX};
 use crate::gateway;
 use crate::server::Shared;
 
@@ -68,14 +68,15 @@ pub(crate) async fn serve(
                 }
             };
             let client = gateway::client_name(&tls);
-            serve_connection(shared, TokioIo::new(tls), peer, client, shutdown).await;
+            let io = TokioIo::new(Counted::new(tls, shared.metrics.clone()));
+            serve_connection(shared, io, peer, client, shutdown).await;
         });
     }
 }
 
 async fn serve_connection(
     shared: Arc<Shared>,
-    io: TokioIo<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    io: TokioIo<Counted<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
     peer: SocketAddr,
     client: Option<Arc<str>>,
     shutdown: CancellationToken,
