@@ -25,7 +25,24 @@ const PUMP_BYTES: usize = 4_000_000;
 /// The paced pump's rate, each way (bytes a second).
 pub const PACE: u64 = 10_000_000;
 
+/// How long after the pump begins an exchange its burst lasts: the target sends its 4 MB at
+/// once and the buffers between it and the paced client fill at full speed (about 45 ms
+/// through the tunnel, measured).
+pub const BURST: Duration = Duration::from_millis(50);
+
 type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>;
+
+/// What [`PortForwardBed::gets_beside_pump`] saw.
+pub struct BesidePump {
+    /// The GETs' latencies, sorted.
+    pub took: Vec<Duration>,
+    /// The pump's average rate over its whole run, the GETs' time included (MB/s, both
+    /// ways together).
+    pub mb_s: f64,
+    /// Of the slowest 1% of the GETs, how many began within [`BURST`] after the pump began
+    /// an exchange, and how many that slowest 1% is.
+    pub slow_in_burst: (usize, usize),
+}
 
 /// A member with a kwok node and pod `pump`, the real server and agent, and an HTTP/2
 /// connection through the gateway for the GETs.
@@ -92,36 +109,43 @@ impl PortForwardBed {
 
     /// Latencies of `n` sequential small GETs through the tunnel, sorted.
     pub async fn gets(&mut self, n: usize) -> anyhow::Result<Vec<Duration>> {
-        let mut took = Vec::with_capacity(n);
+        let mut took: Vec<Duration> = self.timed_gets(n).await?.into_iter().map(|t| t.1).collect();
+        took.sort();
+        Ok(took)
+    }
+
+    /// `n` sequential small GETs through the tunnel: when each began, and how long it took.
+    async fn timed_gets(&mut self, n: usize) -> anyhow::Result<Vec<(Instant, Duration)>> {
+        let mut timed = Vec::with_capacity(n);
         for _ in 0..n {
             let started = Instant::now();
             let resp = self.h2.send_request(get_h2(&self.path)).await?;
             anyhow::ensure!(resp.status() == 200, "small GET: {}", resp.status());
             resp.into_body().collect().await?;
-            took.push(started.elapsed());
+            timed.push((started, started.elapsed()));
         }
-        took.sort();
-        Ok(took)
+        Ok(timed)
     }
 
     /// [`PortForwardBed::gets`] while a port-forward with `kubeconfig` exchanges 4 MB each
     /// way again and again (its client sending and reading at `pace` bytes a second each way,
-    /// or at full speed), on a thread of its own; also returns the pump's average rate over its
-    /// run (MB/s, both ways together).
+    /// or at full speed), on a thread of its own.
     pub async fn gets_beside_pump(
         &mut self,
         kubeconfig: &Path,
         pace: Option<u64>,
         n: usize,
-    ) -> anyhow::Result<(Vec<Duration>, f64)> {
+    ) -> anyhow::Result<BesidePump> {
         let mut cmd = tokio::process::Command::new(testbed::kubectl_bin());
         cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
             .args(["port-forward", "--address=127.0.0.1", "pod/pump", ":8080"]);
         let forward = PortForward::spawn(cmd).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let pumped = Arc::new(AtomicUsize::new(0));
+        let begun: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
         let pump = std::thread::spawn({
             let (stop, pumped, local) = (stop.clone(), pumped.clone(), forward.local);
+            let begun = begun.clone();
             move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -131,6 +155,7 @@ impl PortForwardBed {
                         if stop.load(Ordering::Relaxed) {
                             break;
                         }
+                        begun.lock().expect("poisoned").push(Instant::now());
                         let ok = exchange_paced(local, PUMP_BYTES, pace, Duration::from_secs(60))
                             .await?;
                         anyhow::ensure!(ok, "the pump's data arrived damaged");
@@ -149,7 +174,7 @@ impl PortForwardBed {
             pumped.load(Ordering::Relaxed) > 0,
             "the pump finished no exchange in 30 s"
         );
-        let got = self.gets(n).await;
+        let got = self.timed_gets(n).await;
         stop.store(true, Ordering::Relaxed);
         let pumped_ok = tokio::task::spawn_blocking(move || pump.join())
             .await?
@@ -159,7 +184,25 @@ impl PortForwardBed {
         let during = pumping.elapsed();
         drop(forward);
         pumped_ok.context("the pump")?;
-        Ok((got?, moved as f64 / 1e6 / during.as_secs_f64()))
+        let mut timed = got?;
+        timed.sort_by_key(|t| std::cmp::Reverse(t.1));
+        let slowest = &timed[..timed.len().div_ceil(100)];
+        let begun = begun.lock().expect("poisoned").clone();
+        let in_burst = slowest
+            .iter()
+            .filter(|(at, _)| {
+                begun
+                    .iter()
+                    .any(|b| *b <= *at && at.duration_since(*b) < BURST)
+            })
+            .count();
+        let mut took: Vec<Duration> = timed.iter().map(|t| t.1).collect();
+        took.sort();
+        Ok(BesidePump {
+            took,
+            mb_s: moved as f64 / 1e6 / during.as_secs_f64(),
+            slow_in_burst: (in_burst, slowest.len()),
+        })
     }
 }
 
@@ -179,18 +222,29 @@ pub(crate) async fn beside_a_port_forward(size: &Size, report: &mut Report) -> a
     ] {
         let (mut direct, mut tunnel) = (Vec::new(), Vec::new());
         let (mut direct_rate, mut tunnel_rate) = (0.0, 0.0);
+        let mut in_burst = [(0, 0); 2];
         for _ in 0..size.pf_rounds {
-            let (d, r) = bed
-                .gets_beside_pump(&straight_kubeconfig, pace, size.pf_gets)
-                .await?;
-            direct.extend(d);
-            direct_rate += r / size.pf_rounds as f64;
-            let (t, r) = bed
-                .gets_beside_pump(&tunnel_kubeconfig, pace, size.pf_gets)
-                .await?;
-            tunnel.extend(t);
-            tunnel_rate += r / size.pf_rounds as f64;
+            for (i, kubeconfig) in [&straight_kubeconfig, &tunnel_kubeconfig]
+                .iter()
+                .enumerate()
+            {
+                let got = bed.gets_beside_pump(kubeconfig, pace, size.pf_gets).await?;
+                let (into, rate) = if i == 0 {
+                    (&mut direct, &mut direct_rate)
+                } else {
+                    (&mut tunnel, &mut tunnel_rate)
+                };
+                into.extend(got.took);
+                *rate += got.mb_s / size.pf_rounds as f64;
+                in_burst[i].0 += got.slow_in_burst.0;
+                in_burst[i].1 += got.slow_in_burst.1;
+            }
         }
+        report.notes.push(format!(
+            "beside a port-forward ({label}): of the slowest 1% of GETs, {} of {} (direct) and \
+             {} of {} (tunnel) began within {BURST:?} after the pump began an exchange",
+            in_burst[0].0, in_burst[0].1, in_burst[1].0, in_burst[1].1
+        ));
         direct.sort();
         tunnel.sort();
         let ms = |d: Duration| format!("{:.2} ms", d.as_secs_f64() * 1e3);
