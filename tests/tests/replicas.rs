@@ -2325,20 +2325,13 @@ async fn kubesphere_listeners_of_every_replica_reach_every_cluster() {
             replica.name
         );
         let listener = SocketAddr::new(listen_host(r), kube_port);
-        let io = raw::connect(listener, &fleet.ca, Some(&peer_id), false)
-            .await
-            .unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let resp = sender
-            .send_request(fixture::http::get_h1("/api/v1/namespaces/kube-system"))
-            .await
-            .unwrap();
-        let status = resp.status();
-        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let (status, body) = fixture::http::status_of(
+            listener,
+            &fleet.ca,
+            &peer_id,
+            "/api/v1/namespaces/kube-system",
+        )
+        .await;
         assert_eq!(
             status,
             403,

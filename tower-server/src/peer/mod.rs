@@ -30,6 +30,8 @@ use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::metrics::{Metrics, PeerBytesLabel};
 
 pub(crate) use link::Peers;
@@ -76,20 +78,22 @@ pub const PROBE_WINDOW: std::time::Duration = std::time::Duration::from_secs(30)
 /// the `peer_bytes` counters, by direction.
 pub(crate) struct Counted<T> {
     inner: T,
-    metrics: Arc<Metrics>,
+    sent: Counter,
+    received: Counter,
 }
 
 impl<T> Counted<T> {
     pub(crate) fn new(inner: T, metrics: Arc<Metrics>) -> Self {
-        Self { inner, metrics }
-    }
-
-    fn add(&self, direction: &'static str, n: usize) {
-        if n > 0 {
-            self.metrics
+        let counter = |direction| {
+            metrics
                 .peer_bytes
                 .get_or_create(&PeerBytesLabel { direction })
-                .inc_by(n as u64);
+                .clone()
+        };
+        Self {
+            inner,
+            sent: counter("sent"),
+            received: counter("received"),
         }
     }
 }
@@ -103,8 +107,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = polled {
-            let n = buf.filled().len() - before;
-            self.add("received", n);
+            self.received.inc_by((buf.filled().len() - before) as u64);
         }
         polled
     }
@@ -118,7 +121,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = polled {
-            self.add("sent", n);
+            self.sent.inc_by(n as u64);
         }
         polled
     }
@@ -130,7 +133,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
     ) -> Poll<std::io::Result<usize>> {
         let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = polled {
-            self.add("sent", n);
+            self.sent.inc_by(n as u64);
         }
         polled
     }
