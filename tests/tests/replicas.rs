@@ -510,6 +510,57 @@ fn count_writes(
     (count, of_clusters)
 }
 
+/// Agent writes from now on, counted by the status fields each changed (and
+/// the replica the new status names), for reading a write burst.
+fn agent_changes(client: &kube::Client) -> Arc<Mutex<BTreeMap<String, usize>>> {
+    use kube::runtime::{WatchStreamExt, watcher};
+    let changes: Arc<Mutex<BTreeMap<String, usize>>> = Default::default();
+    let mut events = watcher(Api::<Agent>::all(client.clone()), Default::default())
+        .default_backoff()
+        .boxed();
+    let counted = changes.clone();
+    tokio::spawn(async move {
+        let mut last: HashMap<String, serde_json::Value> = HashMap::new();
+        while let Some(event) = events.next().await {
+            let agent = match event {
+                Ok(kube::runtime::watcher::Event::Apply(a)) => a,
+                Ok(kube::runtime::watcher::Event::InitApply(a)) => {
+                    let status = serde_json::to_value(&a.status).unwrap_or_default();
+                    last.insert(kube::ResourceExt::name_any(&a), status);
+                    continue;
+                }
+                _ => continue,
+            };
+            let status = serde_json::to_value(&agent.status).unwrap_or_default();
+            let before = last
+                .insert(kube::ResourceExt::name_any(&agent), status.clone())
+                .unwrap_or_default();
+            let mut keys: Vec<String> = status
+                .as_object()
+                .into_iter()
+                .flatten()
+                .filter(|(k, v)| before.get(k.as_str()) != Some(*v))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.extend(
+                before
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter(|(k, _)| status.get(k.as_str()).is_none())
+                    .map(|(k, _)| format!("-{k}")),
+            );
+            let serving = status
+                .get("servingReplica")
+                .and_then(|v| v.as_str())
+                .unwrap_or("none");
+            let key = format!("[{}] naming {serving}", keys.join(","));
+            *counted.lock().unwrap().entry(key).or_default() += 1;
+        }
+    });
+    changes
+}
+
 impl Fleet {
     async fn start(n: usize, log_name: &str) -> Self {
         Self::start_tweaked(n, log_name, TEST_LEASE, |_, _| {}).await
@@ -715,6 +766,41 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
             writes_at_available as f64 / n as f64
         );
     }
+
+    // Every Agent's status carries its Cluster's kubeconfig, whichever
+    // replica holds its session (so a new leader has nothing to rewrite).
+    let clusters_api: Api<Cluster> = Api::all(client.clone());
+    let mismatched = eventually(Duration::from_secs(30), || async {
+        let clusters = clusters_api.list(&Default::default()).await.ok()?;
+        let agents = agents_api.list(&Default::default()).await.ok()?;
+        let kubeconfig: HashMap<String, Vec<u8>> = agents
+            .items
+            .iter()
+            .filter_map(|a| {
+                let k = a.status.as_ref()?.kubeconfig.as_ref()?;
+                Some((kube::ResourceExt::name_any(a), k.0.clone()))
+            })
+            .collect();
+        let wrong: Vec<String> = clusters
+            .items
+            .iter()
+            .filter(|c| {
+                let want = c
+                    .spec
+                    .connection
+                    .as_ref()
+                    .and_then(|c| c.kubeconfig.as_ref());
+                want.map(|k| &k.0) != kubeconfig.get(&kube::ResourceExt::name_any(*c))
+            })
+            .map(kube::ResourceExt::name_any)
+            .collect();
+        wrong.is_empty().then_some(())
+    })
+    .await;
+    assert!(
+        mismatched.is_some(),
+        "some Agents' status lacks their Cluster's kubeconfig 30 s after all were available"
+    );
 
     // 1. Any replica: a GET for every cluster through every replica's gateway.
     let connections: HashMap<(String, usize), H2Client> = stream::iter(
@@ -1225,6 +1311,7 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
     let period = Duration::from_millis(250) * (n as u32).div_ceil(300);
     let killed_at: Arc<Mutex<Option<Duration>>> = Default::default();
     let outcomes: Arc<Mutex<Vec<Outcome>>> = Default::default();
+    let agent_writes = agent_changes(&client);
     // Past the leader's Lease when the leader dies, for its successor's writes.
     let loop_for = if kill_leader {
         20 + CHART_LEASE.0 + 10
@@ -1277,6 +1364,7 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     *killed_at.lock().unwrap() = Some(t0.elapsed());
     let kill = t0.elapsed();
+    agent_writes.lock().unwrap().clear();
     let writes_before_kill = writes.load(std::sync::atomic::Ordering::Relaxed);
     let cluster_writes_before_kill = cluster_writes.load(std::sync::atomic::Ordering::Relaxed);
     replicas[victim].process.kill9();
@@ -1291,6 +1379,10 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         t0.elapsed() - kill,
         affected.len(),
         writes_after_kill as f64 / affected.len().max(1) as f64
+    );
+    eprintln!(
+        "cost: Agent writes after the kill by the status fields they changed: {:?}",
+        agent_writes.lock().unwrap()
     );
     let outcomes = std::mem::take(&mut *outcomes.lock().unwrap());
     let affected_set: std::collections::HashSet<&String> = affected.iter().collect();

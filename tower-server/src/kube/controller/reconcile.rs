@@ -9,7 +9,7 @@ use kube::runtime::controller::Action;
 use kube::runtime::reflector::ObjectRef;
 
 use super::{Ctx, Error, connection, events, kubesphere, mirror, status};
-use crate::kube::crd::{Agent, CONDITION_CONNECTED, Cluster};
+use crate::kube::crd::{Agent, AgentStatus, CONDITION_CONNECTED, Cluster};
 
 /// How long a reconcile waits for the Agent store's first list, so that a
 /// Cluster is not judged without its Agent.
@@ -203,12 +203,43 @@ async fn report(ctx: &Ctx, cluster: &Cluster, agent: Option<&Agent>) -> anyhow::
     }
     let available = status::availability(&ctx.server, &name, agent.paused(), None);
     let session = local_session(ctx, &name, &available);
-    let kubeconfig = old.kubeconfig.clone();
-    let mut new = status::agent_status(old, &available, session, &ctx.config.replica, Vec::new());
-    // The kubeconfig is the leader's to write.
-    new.kubeconfig = kubeconfig;
+    let kubeconfig = reported_kubeconfig(ctx, cluster, &old);
+    let mut new = status::agent_status(
+        old.clone(),
+        &available,
+        session,
+        &ctx.config.replica,
+        kubeconfig,
+    );
+    if new.kubeconfig.as_ref().is_some_and(|k| k.0.is_empty()) {
+        new.kubeconfig = old.kubeconfig;
+    }
     status::write_agent_status(&ctx.client, agent, new).await?;
     Ok(())
+}
+
+/// The kubeconfig a replica reporting its own session puts on the Agent: the
+/// one the leader would, so that the Agent says the same whichever replica
+/// holds the session, and a new leader has nothing to rewrite. That is the
+/// Cluster's own (the leader writes it there), or for a held Cluster the one
+/// this server would write (`towerctl migrate` reads it from the Agent).
+fn reported_kubeconfig(ctx: &Ctx, cluster: &Cluster, old: &AgentStatus) -> Vec<u8> {
+    let current = old
+        .kubeconfig
+        .as_ref()
+        .map(|k| k.0.clone())
+        .unwrap_or_default();
+    if kubesphere::held(ctx, cluster) {
+        return kubesphere::held_kubeconfig(ctx, cluster, current);
+    }
+    cluster
+        .spec
+        .connection
+        .as_ref()
+        .and_then(|c| c.kubeconfig.as_ref())
+        .map(|k| k.0.clone())
+        .filter(|k| !k.is_empty())
+        .unwrap_or(current)
 }
 
 /// The leader's one write for a held Cluster: its Agent's status.
