@@ -371,6 +371,31 @@ async fn watch_and_echo(
     echo_upgrade(&mut tls, &format!("/kapis/clusters/{cluster}/echo"), 3).await
 }
 
+/// One answer in the any-replica phase: the cluster, the replica asked, and
+/// the status with the body's size (or why there was none).
+type Answer = (String, usize, Result<(u16, usize), String>);
+
+/// Reports `answers` (to `what`, begun at `phase`) and asserts each was 200.
+fn assert_all_ok(what: &str, answers: &[Answer], phase: Instant) {
+    let failed: Vec<_> = answers
+        .iter()
+        .filter(|(_, _, a)| !matches!(a, Ok((200, _))))
+        .collect();
+    eprintln!(
+        "{what}: {} in {:.1?}, {} failed",
+        answers.len(),
+        phase.elapsed(),
+        failed.len()
+    );
+    assert!(
+        failed.is_empty(),
+        "{what}: {} of {} failed, e.g. {:?}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(5)]
+    );
+}
+
 /// A peer certificate for `replica`, minted from the tower CA in the host's
 /// Secret, as a replica holds one.
 async fn peer_identity(client: &kube::Client, replica: &str) -> raw::Identity {
@@ -816,7 +841,6 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
     .collect()
     .await;
     let phase = Instant::now();
-    type Answer = (String, usize, Result<(u16, usize), String>);
     let answers: Vec<Answer> = stream::iter(connections.iter())
         .map(|((c, r), h2)| async move {
             (
@@ -828,22 +852,10 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         .buffer_unordered(32)
         .collect()
         .await;
-    let failed: Vec<_> = answers
-        .iter()
-        .filter(|(_, _, a)| !matches!(a, Ok((200, _))))
-        .collect();
-    eprintln!(
-        "{} GETs (every cluster through every replica) in {:.1?}: {} failed",
-        answers.len(),
-        phase.elapsed(),
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed, e.g. {:?}",
-        failed.len(),
-        answers.len(),
-        &failed[..failed.len().min(5)]
+    assert_all_ok(
+        "GETs (every cluster through every replica)",
+        &answers,
+        phase,
     );
 
     // Cost: peer connections, and the latency a forwarded request adds
@@ -902,19 +914,10 @@ async fn any_replica_serves_any_cluster_and_losing_one_disturbs_only_its_own() {
         .buffer_unordered(16)
         .collect()
         .await;
-    let failed: Vec<_> = streamed.iter().filter(|(_, _, a)| a.is_err()).collect();
-    eprintln!(
-        "a watch and an echo upgrade for every cluster through every replica: {} in {:.1?}, {} failed",
-        streamed.len(),
-        phase.elapsed(),
-        failed.len()
-    );
-    assert!(
-        failed.is_empty(),
-        "{} of {} failed, e.g. {:?}",
-        failed.len(),
-        streamed.len(),
-        &failed[..failed.len().min(5)]
+    assert_all_ok(
+        "a watch and an echo upgrade for every cluster through every replica",
+        &streamed,
+        phase,
     );
     // The apiserver's own WebSocket upgrade, through a replica without the
     // session, for a sample of clusters.

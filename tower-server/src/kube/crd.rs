@@ -140,6 +140,16 @@ impl Cluster {
             .filter(|t| !t.is_empty())
     }
 
+    /// The kubeconfig the Cluster carries, if any (not empty).
+    pub fn kubeconfig(&self) -> Option<&[u8]> {
+        self.spec
+            .connection
+            .as_ref()
+            .and_then(|c| c.kubeconfig.as_ref())
+            .map(|k| k.0.as_slice())
+            .filter(|k| !k.is_empty())
+    }
+
     pub fn condition(&self, type_: &str) -> Option<&Condition> {
         self.status
             .as_ref()

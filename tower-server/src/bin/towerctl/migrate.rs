@@ -827,14 +827,9 @@ async fn member_client(
         CurrentPath::TowerServer => "new",
     };
     let bytes = cluster
-        .spec
-        .connection
-        .as_ref()
-        .and_then(|c| c.kubeconfig.as_ref())
-        .map(|k| k.0.clone())
-        .filter(|k| !k.is_empty())
+        .kubeconfig()
         .with_context(|| format!("Cluster {name} has no kubeconfig"))?;
-    let kc = Kubeconfig::from_yaml(&String::from_utf8_lossy(&bytes))
+    let kc = Kubeconfig::from_yaml(&String::from_utf8_lossy(bytes))
         .with_context(|| format!("Cluster {name}'s {which} kubeconfig does not parse"))?;
     let mut config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
         .await

@@ -232,14 +232,7 @@ fn reported_kubeconfig(ctx: &Ctx, cluster: &Cluster, old: &AgentStatus) -> Vec<u
     if kubesphere::held(ctx, cluster) {
         return kubesphere::held_kubeconfig(ctx, cluster, current);
     }
-    cluster
-        .spec
-        .connection
-        .as_ref()
-        .and_then(|c| c.kubeconfig.as_ref())
-        .map(|k| k.0.clone())
-        .filter(|k| !k.is_empty())
-        .unwrap_or(current)
+    cluster.kubeconfig().map_or(current, <[u8]>::to_vec)
 }
 
 /// The leader's one write for a held Cluster: its Agent's status.
