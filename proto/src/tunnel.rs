@@ -10,8 +10,13 @@
 //! client as agent (no hello, no `h2`) each request is one HTTP/1.1 exchange on
 //! its own channel, upgrades included.
 
+use std::io::IoSlice;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use http::{HeaderName, HeaderValue, Method, Request, StatusCode, Version, header};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::http::{Body, empty};
 
@@ -21,8 +26,17 @@ pub const H2_STREAM_WINDOW: u32 = 1024 * 1024;
 /// large, so that stalled streams never starve the others. The server sizes
 /// its own receive window from its cluster share instead (see [`h2_client`]).
 pub const H2_CONN_WINDOW: u32 = 256 * 1024 * 1024;
-/// Largest HTTP/2 frame either end sends inside the tunnel.
-pub const H2_MAX_FRAME: u32 = 64 * 1024;
+/// Largest SSH packet either end sends or takes on a channel (russh's
+/// `maximum_packet_size`, both ends).
+pub const SSH_MAX_PACKET: u32 = 32 * 1024;
+/// An HTTP/2 frame's head.
+const H2_FRAME_HEAD: u32 = 9;
+/// Largest HTTP/2 frame either end sends inside the tunnel: with its head, one
+/// SSH packet exactly (see [`Gather`]).
+pub const H2_MAX_FRAME: u32 = SSH_MAX_PACKET - H2_FRAME_HEAD;
+/// Buffer each way of a spliced upgrade (exec, attach, port-forward) at both
+/// ends: one read fills one HTTP/2 frame, one SSH packet.
+pub const SPLICE_BUFFER: usize = H2_MAX_FRAME as usize;
 /// Header list the agent accepts inside the tunnel: above the gateway's own
 /// limit (256 KiB), so that oversized requests are refused at the gateway with
 /// a clear status and never half-way through the tunnel.
@@ -187,6 +201,86 @@ pub fn decode_upgrade<B>(req: &Request<B>) -> Option<(Method, String)> {
     Some((method, protocol.as_str().to_string()))
 }
 
+/// An SSH channel as a byte stream that takes vectored writes, sending the
+/// slices of one as one SSH packet.
+///
+/// Each write on an SSH channel is a packet of its own: padding and MAC, a turn
+/// of the session loop, a wakeup of the reader at the other end. HTTP/2 writes
+/// a DATA frame as its 9-byte head and its payload; to a stream without
+/// vectored writes it writes them one after the other, so every frame cost a
+/// packet for its head alone. `Gather` copies the slices of a vectored write,
+/// up to [`SSH_MAX_PACKET`] bytes, into one write; with frames of
+/// [`H2_MAX_FRAME`] a full frame is one packet.
+pub struct Gather<S> {
+    inner: S,
+    buf: Vec<u8>,
+}
+
+impl<S> Gather<S> {
+    pub fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Gather<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Gather<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let max = SSH_MAX_PACKET as usize;
+        let Some(first) = bufs.iter().find(|b| !b.is_empty()) else {
+            return Poll::Ready(Ok(0));
+        };
+        if first.len() >= max {
+            return Pin::new(&mut self.inner).poll_write(cx, first);
+        }
+        let this = &mut *self;
+        this.buf.clear();
+        for b in bufs {
+            let room = max - this.buf.len();
+            if room == 0 {
+                break;
+            }
+            this.buf.extend_from_slice(&b[..b.len().min(room)]);
+        }
+        Pin::new(&mut this.inner).poll_write(cx, &this.buf)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -215,6 +309,74 @@ mod tests {
     }
 
     use super::*;
+
+    /// Records each write it is given, taking at most `max` bytes of each.
+    struct Writes {
+        writes: Vec<Vec<u8>>,
+        max: usize,
+    }
+
+    impl AsyncWrite for Writes {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = buf.len().min(self.max);
+            self.writes.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_and_its_head_cross_as_one_write() {
+        use tokio::io::AsyncWriteExt as _;
+        let max = SSH_MAX_PACKET as usize;
+        let mut g = Gather::new(Writes {
+            writes: Vec::new(),
+            max,
+        });
+        assert!(g.is_write_vectored());
+        // A full frame: its head and payload fill one packet exactly.
+        let head = [1u8; H2_FRAME_HEAD as usize];
+        let payload = vec![2u8; H2_MAX_FRAME as usize];
+        let n = g
+            .write_vectored(&[IoSlice::new(&head), IoSlice::new(&payload)])
+            .await
+            .unwrap();
+        assert_eq!(n, max);
+        // Small frames gather; what does not fit waits for the next write.
+        let n = g
+            .write_vectored(&[
+                IoSlice::new(&[]),
+                IoSlice::new(&head),
+                IoSlice::new(&[3u8; 100]),
+                IoSlice::new(&vec![4u8; max]),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(n, max);
+        // A first slice that fills a packet alone goes as it is.
+        let big = vec![5u8; max + 10];
+        let n = g.write_vectored(&[IoSlice::new(&big)]).await.unwrap();
+        assert_eq!(n, max);
+        let w = &g.inner.writes;
+        assert_eq!(w.len(), 3, "one write each");
+        assert_eq!(&w[0][..9], &head);
+        assert!(w[0][9..].iter().all(|b| *b == 2));
+        assert_eq!(&w[1][..9], &head);
+        assert!(w[1][9..109].iter().all(|b| *b == 3));
+        assert!(w[1][109..].iter().all(|b| *b == 4));
+        assert_eq!(w[2].len(), max);
+    }
 
     #[test]
     fn upgrade_detection() {

@@ -511,7 +511,7 @@ impl Agent {
                 self.config.keepalive_interval * (self.config.keepalive_max as u32 + 2),
             ),
             window_size: 8 * 1024 * 1024,
-            maximum_packet_size: 32 * 1024,
+            maximum_packet_size: tower_proto::tunnel::SSH_MAX_PACKET,
             channel_buffer_size: 256,
             nodelay: true,
             // AES-GCM first: hardware AES makes it several times cheaper than
@@ -983,7 +983,7 @@ async fn serve_channel(
     drain: Drain,
     max_streams: u32,
 ) {
-    let io = TokioIo::new(channel.into_stream());
+    let io = TokioIo::new(tower_proto::tunnel::Gather::new(channel.into_stream()));
     metrics.channels.inc();
     let requests = metrics
         .requests

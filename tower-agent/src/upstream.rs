@@ -296,7 +296,7 @@ impl Upstream {
                     let mut t = TokioIo::new(t);
                     let mut u = TokioIo::new(u);
                     tokio::select! {
-                        r = tokio::io::copy_bidirectional(&mut t, &mut u) => {
+                        r = tokio::io::copy_bidirectional_with_sizes(&mut t, &mut u, tower_proto::tunnel::SPLICE_BUFFER, tower_proto::tunnel::SPLICE_BUFFER) => {
                             if let Err(e) = r {
                                 tracing::debug!(upstream = %name, error = %e, "upgraded stream ended");
                             }

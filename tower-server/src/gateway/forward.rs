@@ -312,7 +312,7 @@ pub(crate) fn splice<H: Send + 'static>(
         let mut client = TokioIo::new(client);
         let mut tunnel = TokioIo::new(tunnel);
         tokio::select! {
-            r = tokio::io::copy_bidirectional(&mut client, &mut tunnel) => {
+            r = tokio::io::copy_bidirectional_with_sizes(&mut client, &mut tunnel, tower_proto::tunnel::SPLICE_BUFFER, tower_proto::tunnel::SPLICE_BUFFER) => {
                 if let Err(e) = r {
                     tracing::debug!(%cluster, error = %e, "upgraded stream ended");
                 }

@@ -1,13 +1,17 @@
-//! A tunnel channel as a byte stream: counted while open, its bytes metered.
+//! A tunnel channel as a byte stream: counted while open, its bytes metered,
+//! vectored writes gathered into one SSH packet.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use tower_proto::tunnel::Gather;
+
 use crate::metrics::{DirectionLabel, Metrics};
 
-/// An SSH channel as a byte stream, counted while open, its bytes metered.
+/// An SSH channel as a byte stream, counted while open, its bytes metered,
+/// the slices of a vectored write sent as one packet ([`Gather`]).
 pub struct ChannelIo {
-    inner: russh::ChannelStream<russh::server::Msg>,
+    inner: Gather<russh::ChannelStream<russh::server::Msg>>,
     open: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
     to_agent: prometheus_client::metrics::counter::Counter,
@@ -35,7 +39,7 @@ impl ChannelIo {
             })
             .clone();
         Self {
-            inner,
+            inner: Gather::new(inner),
             open,
             metrics,
             to_agent,
@@ -75,6 +79,22 @@ impl tokio::io::AsyncWrite for ChannelIo {
             self.to_agent.inc_by(*n as u64);
         }
         poll
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let poll = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if let std::task::Poll::Ready(Ok(n)) = &poll {
+            self.to_agent.inc_by(*n as u64);
+        }
+        poll
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
     }
 
     fn poll_flush(

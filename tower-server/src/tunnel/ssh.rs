@@ -34,7 +34,7 @@ pub(crate) fn config(shared: &Shared) -> russh::server::Config {
         max_auth_attempts: 3,
         nodelay: true,
         window_size: 8 * 1024 * 1024,
-        maximum_packet_size: 32 * 1024,
+        maximum_packet_size: tower_proto::tunnel::SSH_MAX_PACKET,
         channel_buffer_size: 256,
         ..Default::default()
     }
