@@ -14,7 +14,7 @@ use http_body_util::BodyExt as _;
 
 use super::Size;
 use super::report::{Report, percentile};
-use crate::fixture::exchange::{PortForward, exchange_paced, spawn_exchange_server};
+use crate::fixture::exchange::{PortForward, exchange_with, spawn_exchange_server};
 use crate::fixture::http::{get_h2, until_ok};
 use crate::fixture::{self, ProcessSettings, ServerProcess, agent_credential};
 use crate::testbed::{self, ControlPlane, FakeNode, Process, Testbed};
@@ -24,6 +24,41 @@ const CLUSTER: &str = "anorien";
 const PUMP_BYTES: usize = 4_000_000;
 /// The paced pump's rate, each way (bytes a second).
 pub const PACE: u64 = 10_000_000;
+
+/// How the port-forward beside the GETs moves its data: 4 MB each way per exchange, one
+/// exchange after another.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pump {
+    /// Its client sends and reads at [`PACE`] each way, while its target sends each
+    /// exchange's 4 MB at once: every buffer between them fills at full speed first (a
+    /// burst, [`BURST`]), then the data moves at the client's pace.
+    Paced,
+    /// Client and target both send at [`PACE`] each way: the same rate, no bursts.
+    Steady,
+    /// Client and target at full speed: on two cores it takes the whole machine.
+    Full,
+}
+
+impl Pump {
+    /// The client's rate each way.
+    fn client(self) -> Option<u64> {
+        (self != Pump::Full).then_some(PACE)
+    }
+
+    /// The target's rate.
+    fn target(self) -> Option<u64> {
+        (self == Pump::Steady).then_some(PACE)
+    }
+
+    pub fn label(self) -> String {
+        let mb = PACE / 1_000_000;
+        match self {
+            Pump::Paced => format!("paced, {mb} MB/s each way, the target sending at once"),
+            Pump::Steady => format!("steady, {mb} MB/s each way, the target paced too"),
+            Pump::Full => "full speed".to_string(),
+        }
+    }
+}
 
 /// How long after the pump begins an exchange its burst lasts: the target sends its 4 MB at
 /// once and the buffers between it and the paced client fill at full speed (about 45 ms
@@ -128,12 +163,11 @@ impl PortForwardBed {
     }
 
     /// [`PortForwardBed::gets`] while a port-forward with `kubeconfig` exchanges 4 MB each
-    /// way again and again (its client sending and reading at `pace` bytes a second each way,
-    /// or at full speed), on a thread of its own.
+    /// way again and again as `pump` says, on a thread of its own.
     pub async fn gets_beside_pump(
         &mut self,
         kubeconfig: &Path,
-        pace: Option<u64>,
+        pump: Pump,
         n: usize,
     ) -> anyhow::Result<BesidePump> {
         let mut cmd = tokio::process::Command::new(testbed::kubectl_bin());
@@ -156,8 +190,14 @@ impl PortForwardBed {
                             break;
                         }
                         begun.lock().expect("poisoned").push(Instant::now());
-                        let ok = exchange_paced(local, PUMP_BYTES, pace, Duration::from_secs(60))
-                            .await?;
+                        let ok = exchange_with(
+                            local,
+                            PUMP_BYTES,
+                            pump.client(),
+                            pump.target(),
+                            Duration::from_secs(60),
+                        )
+                        .await?;
                         anyhow::ensure!(ok, "the pump's data arrived damaged");
                         pumped.fetch_add(1, Ordering::Relaxed);
                     }
@@ -213,13 +253,8 @@ pub(crate) async fn beside_a_port_forward(size: &Size, report: &mut Report) -> a
     let alone = bed.gets(size.pf_gets).await?;
     let straight_kubeconfig = bed.member.admin_kubeconfig().to_path_buf();
     let tunnel_kubeconfig = bed.kubeconfig.clone();
-    for (label, pace) in [
-        (
-            format!("paced, {} MB/s each way", PACE / 1_000_000),
-            Some(PACE),
-        ),
-        ("full speed".to_string(), None),
-    ] {
+    for pump in [Pump::Paced, Pump::Steady, Pump::Full] {
+        let label = pump.label();
         let (mut direct, mut tunnel) = (Vec::new(), Vec::new());
         let (mut direct_rate, mut tunnel_rate) = (0.0, 0.0);
         let mut in_burst = [(0, 0); 2];
@@ -228,7 +263,7 @@ pub(crate) async fn beside_a_port_forward(size: &Size, report: &mut Report) -> a
                 .iter()
                 .enumerate()
             {
-                let got = bed.gets_beside_pump(kubeconfig, pace, size.pf_gets).await?;
+                let got = bed.gets_beside_pump(kubeconfig, pump, size.pf_gets).await?;
                 let (into, rate) = if i == 0 {
                     (&mut direct, &mut direct_rate)
                 } else {
