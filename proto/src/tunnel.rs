@@ -217,6 +217,8 @@ pub struct Gather<S> {
 }
 
 impl<S> Gather<S> {
+    /// Wraps a channel stream; its buffer grows on the first vectored write
+    /// that needs it, to at most [`SSH_MAX_PACKET`].
     pub fn new(inner: S) -> Self {
         Self {
             inner,
