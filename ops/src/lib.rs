@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use prometheus_client;
 
+pub mod splice;
+
 /// What the endpoints report.
 pub struct Ops {
     pub registry: Registry,

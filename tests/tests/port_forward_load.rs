@@ -5,11 +5,13 @@
 //! once) and at full speed. The baseline of each is the same pump straight to the member, so
 //! the ratio is what carrying the port-forward in the same tunnel costs the GETs.
 //!
-//! Asserted: steady and at full speed, the GETs' p99 within 2× of the baseline (a stream
-//! holding up the others would cost them far more). Reported: how far each is from the
-//! 1.25× asked of it, and the paced cell (each exchange begins with a full-speed burst while
-//! every buffer between target and client fills). See docs/benchmarks.md: no cell is within
-//! 1.25× in every run yet. For
+//! Asserted: for each pump, the GETs' p99 within 2× of the baseline (a stream holding up
+//! the others would cost them far more); and that both the server and the agent copied the
+//! port-forwards on their splice threads (`tower_ops::splice`), which run 10 nice steps
+//! below the rest of the process and used CPU. Reported: how far each cell is from the 1.25×
+//! asked of it (paced: each exchange begins with a full-speed burst while every buffer
+//! between target and client fills). See docs/benchmarks.md for how often each cell is
+//! within 1.25×. For
 //! each pumped cell it reports how many of the slowest 1% of GETs began in such a burst, the
 //! first 50 ms of one of the pump's exchanges. `tower-bench --only port-forward` measures
 //! the same in a release build.
@@ -22,6 +24,12 @@ use std::time::Duration;
 
 use tower_tests::bench::percentile as pct;
 use tower_tests::bench::port_forward::{BURST, BesidePump, PortForwardBed, Pump};
+use tower_tests::testbed::threads;
+
+/// What `tower_ops::splice` names the threads that copy upgraded streams, and how many
+/// nice steps below the process they run by default (`--splice-nice`).
+const SPLICE_THREAD: &str = "tower-splice";
+const SPLICE_NICE: i32 = 10;
 
 /// GETs per measurement: 400, or `TOWER_TEST_PF_GETS` (more for a steadier p99).
 fn gets_per_measurement() -> usize {
@@ -74,10 +82,43 @@ async fn small_gets_beside_a_port_forward_moving_bulk_data() {
         ratios.push((pump, ratio, s99, t99));
     }
     eprintln!("{report}\n  a burst: the first {BURST:?} of each of the pump's exchanges");
-    for (pump, ratio, s99, t99) in ratios {
-        if pump == Pump::Paced {
-            continue;
+    // Both ends copied the port-forwards' bytes on their splice threads, which run
+    // SPLICE_NICE steps below the rest of the process, so the kernel serves the GETs first.
+    for (name, pid) in bed.tower_pids() {
+        let threads = threads(pid).unwrap();
+        let main = threads
+            .iter()
+            .find(|t| t.tid == pid)
+            .expect("the main thread");
+        let splicers: Vec<_> = threads.iter().filter(|t| t.name == SPLICE_THREAD).collect();
+        assert!(
+            !splicers.is_empty(),
+            "{name} has no {SPLICE_THREAD} threads: {threads:?}"
+        );
+        for t in &splicers {
+            assert_eq!(
+                t.nice,
+                (main.nice + SPLICE_NICE).min(19),
+                "{name}'s splice thread {} runs at nice {}, its main thread at {}",
+                t.tid,
+                t.nice,
+                main.nice
+            );
         }
+        let spliced: u64 = splicers.iter().map(|t| t.cpu_ticks).sum();
+        let total: u64 = threads.iter().map(|t| t.cpu_ticks).sum();
+        eprintln!(
+            "  {name}: its {} splice threads used {:.2} s of CPU, {:.0}% of the process's",
+            splicers.len(),
+            spliced as f64 / 100.0,
+            100.0 * spliced as f64 / total.max(1) as f64
+        );
+        assert!(
+            spliced > 0,
+            "{name}'s splice threads used no CPU: the port-forwards were copied elsewhere"
+        );
+    }
+    for (pump, ratio, s99, t99) in ratios {
         let limit = 2.0;
         assert!(
             ratio <= limit,

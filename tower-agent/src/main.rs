@@ -138,12 +138,20 @@ struct Args {
     /// Log lines as `text` (coloured only on a terminal) or `json`.
     #[arg(long, env = "TOWER_LOG_FORMAT", default_value = "text")]
     log_format: tower_ops::LogFormat,
+    /// How many steps of CPU priority (nice) below the rest of the process
+    /// the threads copying upgraded streams (exec, attach, port-forward, cp)
+    /// run, 0–19, so that on a busy machine requests are served first; 0
+    /// copies them on the main threads at the same priority.
+    #[arg(long, env = "TOWER_SPLICE_NICE", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
+    splice_nice: u8,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     tower_ops::init_logging(args.log_format, "info");
+    tower_ops::splice::start(args.splice_nice)
+        .map_err(|e| anyhow::anyhow!("starting the threads that copy upgraded streams: {e}"))?;
     let token = match (&args.name, args.token_file, args.token) {
         (Some(cluster), file, literal) => {
             anyhow::ensure!(

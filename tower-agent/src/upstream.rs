@@ -290,7 +290,9 @@ impl Upstream {
         }
         let upstream_side = hyper::upgrade::on(&mut resp);
         let name = self.name.clone();
-        tokio::spawn(async move {
+        // Copied on the splice threads (lower priority, see
+        // `tower_ops::splice`), so requests win the CPU from the bulk bytes.
+        tower_ops::splice::handle().spawn(async move {
             match tokio::join!(tunnel_side, upstream_side) {
                 (Ok(t), Ok(u)) => {
                     let mut t = TokioIo::new(t);

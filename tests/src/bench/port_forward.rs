@@ -142,6 +142,14 @@ impl PortForwardBed {
         Ok(bed)
     }
 
+    /// The server's and the agent's process ids, by name.
+    pub fn tower_pids(&self) -> [(&'static str, u32); 2] {
+        [
+            ("tower-server", self._server.pid()),
+            ("tower-agent", self._agent.pid()),
+        ]
+    }
+
     /// Latencies of `n` sequential small GETs through the tunnel, sorted.
     pub async fn gets(&mut self, n: usize) -> anyhow::Result<Vec<Duration>> {
         let mut took: Vec<Duration> = self.timed_gets(n).await?.into_iter().map(|t| t.1).collect();

@@ -35,7 +35,7 @@ pub use bed::Testbed;
 pub use cluster::{ControlPlane, SERVICE_ACCOUNT_ISSUER};
 pub use kubelet::Kubelet;
 pub use kwok::{FakeNode, kwok_dir};
-pub use process::Process;
+pub use process::{Process, ThreadStat, threads};
 
 /// The directory holding `etcd`, `kube-apiserver` and `kubectl`.
 ///

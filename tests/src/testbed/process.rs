@@ -20,6 +20,46 @@ use std::sync::{Mutex, Once, OnceLock};
 
 use anyhow::Context as _;
 
+/// One thread of a running process, as `/proc/<pid>/task/<tid>/stat` shows it.
+#[derive(Clone, Debug)]
+pub struct ThreadStat {
+    pub tid: u32,
+    /// Its name (`comm`, at most 15 bytes).
+    pub name: String,
+    /// Its nice value: Linux keeps one per thread.
+    pub nice: i32,
+    /// CPU time it has used, user and system, in clock ticks (1/100 s).
+    pub cpu_ticks: u64,
+}
+
+/// The threads of process `pid` now.
+pub fn threads(pid: u32) -> io::Result<Vec<ThreadStat>> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = entry?.path();
+        let Ok(stat) = std::fs::read_to_string(path.join("stat")) else {
+            continue; // the thread ended meanwhile
+        };
+        let bad = || io::Error::other(format!("unexpected {}: {stat:?}", path.display()));
+        let (open, close) = (
+            stat.find('(').ok_or_else(bad)?,
+            stat.rfind(')').ok_or_else(bad)?,
+        );
+        // The fields after the name, from the state (field 3): utime and stime are fields
+        // 14 and 15, nice is field 19.
+        let rest: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let field = |n: usize| rest.get(n - 3).ok_or_else(bad);
+        out.push(ThreadStat {
+            tid: stat[..open].trim().parse().map_err(|_| bad())?,
+            name: stat[open + 1..close].to_string(),
+            nice: field(19)?.parse().map_err(|_| bad())?,
+            cpu_ticks: field(14)?.parse::<u64>().map_err(|_| bad())?
+                + field(15)?.parse::<u64>().map_err(|_| bad())?,
+        });
+    }
+    Ok(out)
+}
+
 /// A child process, killed (SIGKILL) and reaped on drop; its stdout and stderr go to a log file.
 #[derive(Debug)]
 pub struct Process {

@@ -300,7 +300,10 @@ pub(crate) fn splice<H: Send + 'static>(
     hold: H,
 ) {
     let shutdown = shared.shutdown.clone();
-    shared.tasks.spawn(async move {
+    // The copy runs on the splice threads (lower priority, see
+    // `tower_ops::splice`), so requests on this server win the CPU from it.
+    let splicers = tower_ops::splice::handle();
+    shared.tasks.spawn_on(async move {
         let _hold = hold;
         let (client, tunnel) = match tokio::join!(client, tunnel) {
             (Ok(c), Ok(t)) => (c, t),
@@ -319,7 +322,7 @@ pub(crate) fn splice<H: Send + 'static>(
             }
             _ = shutdown.cancelled() => {}
         }
-    });
+    }, &splicers);
 }
 
 /// A member's response as the client gets it: hop-by-hop headers removed.
