@@ -60,6 +60,15 @@ async fn small_gets_beside_a_port_forward_moving_bulk_data() {
         "port-forward load, {gets} sequential small GETs through the tunnel: alone {}",
         show(&base)
     );
+    // What the splice threads' lower priority costs a port-forward with nothing beside it.
+    let (alone_straight, alone_tunnel) = (
+        bed.pump_alone(&straight, 10).await.unwrap(),
+        bed.pump_alone(&tunnel, 10).await.unwrap(),
+    );
+    report += &format!(
+        "\n  a port-forward alone at full speed (both ways): straight {alone_straight:.1} MB/s, \
+         through the tunnel {alone_tunnel:.1} MB/s"
+    );
     let mut ratios = Vec::new();
     for pump in [Pump::Steady, Pump::Paced, Pump::Full] {
         // Straight first, then through the tunnel, one right after the other.

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use http_body_util::BodyExt as _;
 
 use super::Size;
-use super::report::{Report, percentile};
+use super::report::{Report, median_f64, percentile};
 use crate::fixture::exchange::{PortForward, exchange_with, spawn_exchange_server};
 use crate::fixture::http::{get_h2, until_ok};
 use crate::fixture::{self, ProcessSettings, ServerProcess, agent_credential};
@@ -170,6 +170,32 @@ impl PortForwardBed {
         Ok(timed)
     }
 
+    /// A port-forward with `kubeconfig` and nothing beside it: `exchanges` exchanges of
+    /// 4 MB each way at full speed, one after another, after one to warm up. Its rate in
+    /// MB/s, both ways together.
+    pub async fn pump_alone(&self, kubeconfig: &Path, exchanges: usize) -> anyhow::Result<f64> {
+        anyhow::ensure!(exchanges > 0, "no exchanges asked for");
+        let forward = forward_to_pump(kubeconfig).await?;
+        let exchange = || async {
+            let ok = exchange_with(
+                forward.local,
+                PUMP_BYTES,
+                None,
+                None,
+                Duration::from_secs(60),
+            )
+            .await?;
+            anyhow::ensure!(ok, "the pump's data arrived damaged");
+            anyhow::Ok(())
+        };
+        exchange().await?;
+        let started = Instant::now();
+        for _ in 0..exchanges {
+            exchange().await?;
+        }
+        Ok((exchanges * PUMP_BYTES * 2) as f64 / 1e6 / started.elapsed().as_secs_f64())
+    }
+
     /// [`PortForwardBed::gets`] while a port-forward with `kubeconfig` exchanges 4 MB each
     /// way again and again as `pump` says, on a thread of its own.
     pub async fn gets_beside_pump(
@@ -178,10 +204,7 @@ impl PortForwardBed {
         pump: Pump,
         n: usize,
     ) -> anyhow::Result<BesidePump> {
-        let mut cmd = tokio::process::Command::new(testbed::kubectl_bin());
-        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
-            .args(["port-forward", "--address=127.0.0.1", "pod/pump", ":8080"]);
-        let forward = PortForward::spawn(cmd).await?;
+        let forward = forward_to_pump(kubeconfig).await?;
         let stop = Arc::new(AtomicBool::new(false));
         let pumped = Arc::new(AtomicUsize::new(0));
         let begun: Arc<std::sync::Mutex<Vec<Instant>>> = Arc::default();
@@ -254,6 +277,14 @@ impl PortForwardBed {
     }
 }
 
+/// A `kubectl port-forward` with `kubeconfig` to the pump's pod.
+async fn forward_to_pump(kubeconfig: &Path) -> anyhow::Result<PortForward> {
+    let mut cmd = tokio::process::Command::new(testbed::kubectl_bin());
+    cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+        .args(["port-forward", "--address=127.0.0.1", "pod/pump", ":8080"]);
+    PortForward::spawn(cmd).await
+}
+
 /// The benchmark figure: rounds alternate the pump straight to the member and through the
 /// tunnel, paced and at full speed.
 pub(crate) async fn beside_a_port_forward(size: &Size, report: &mut Report) -> anyhow::Result<()> {
@@ -317,6 +348,20 @@ pub(crate) async fn beside_a_port_forward(size: &Size, report: &mut Report) -> a
             None,
         );
     }
+    let (mut direct_rate, mut tunnel_rate) = (Vec::new(), Vec::new());
+    for _ in 0..size.pf_rounds {
+        direct_rate.push(bed.pump_alone(&straight_kubeconfig, 10).await?);
+        tunnel_rate.push(bed.pump_alone(&tunnel_kubeconfig, 10).await?);
+    }
+    let (d, t) = (median_f64(direct_rate), median_f64(tunnel_rate));
+    report.row(
+        "port-forward both ways, alone (full speed)".to_string(),
+        format!("{d:.1} MB/s"),
+        format!("{t:.1} MB/s"),
+        Some(t / d),
+        String::new(),
+        None,
+    );
     report.notes.push(format!(
         "small GETs through the tunnel with no port-forward: p50 {:.2} ms, p99 {:.2} ms",
         percentile(&alone, 0.5).as_secs_f64() * 1e3,
