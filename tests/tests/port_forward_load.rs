@@ -5,16 +5,17 @@
 //! once) and at full speed. The baseline of each is the same pump straight to the member, so
 //! the ratio is what carrying the port-forward in the same tunnel costs the GETs.
 //!
-//! Asserted: for each pump, the GETs' p99 within 2× of the baseline (a stream holding up
-//! the others would cost them far more); and that both the server and the agent copied the
-//! port-forwards on their splice threads (`tower_ops::splice`), which run 10 nice steps
-//! below the rest of the process and used CPU. Reported: how far each cell is from the 1.25×
-//! asked of it (paced: each exchange begins with a full-speed burst while every buffer
-//! between target and client fills). See docs/benchmarks.md for how often each cell is
-//! within 1.25×. For
-//! each pumped cell it reports how many of the slowest 1% of GETs began in such a burst, the
-//! first 50 ms of one of the pump's exchanges. `tower-bench --only port-forward` measures
-//! the same in a release build.
+//! Asserted: at full speed, the GETs' p99 within 1.25× of the baseline; steady and paced
+//! within 2× (a stream holding up the others would cost them far more; nearer than that,
+//! the baseline's own spread between runs decides); and that both the server and the agent
+//! copied the port-forwards on their splice threads (`tower_ops::splice`), which run 10
+//! nice steps below the rest of the process, and that those threads used CPU. Reported:
+//! how far each cell is from the 1.25× asked of it (paced: each exchange begins with a
+//! full-speed burst while every buffer between target and client fills), how many of the
+//! slowest 1% of GETs began in such a burst (the first 50 ms of one of the pump's
+//! exchanges), and a port-forward's rate alone. See docs/benchmarks.md for how often each
+//! cell is within 1.25×; `tower-bench --only port-forward` measures the same in a release
+//! build.
 //!
 //! This file is its own test binary so that no other test shares the machine while it
 //! measures. The member's node is played by kwok ([`FakeNode`]); the server and the agent are
@@ -128,7 +129,11 @@ async fn small_gets_beside_a_port_forward_moving_bulk_data() {
         );
     }
     for (pump, ratio, s99, t99) in ratios {
-        let limit = 2.0;
+        // At full speed the splice threads' lower priority keeps the GETs within the goal
+        // by a wide margin (0.57-0.81 measured, 1.03-1.28 at the same priority); steady
+        // and paced are nearer 1.25 than the run-to-run spread of their own baseline
+        // (docs/benchmarks.md), so only a gross regression is asserted for them.
+        let limit = if pump == Pump::Full { 1.25 } else { 2.0 };
         assert!(
             ratio <= limit,
             "GET p99 {t99:.2?} beside a port-forward ({}) through the tunnel vs {s99:.2?} \
