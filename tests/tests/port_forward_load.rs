@@ -23,13 +23,13 @@
 
 use std::time::Duration;
 
+use tower_ops::splice::THREAD_NAME as SPLICE_THREAD;
 use tower_tests::bench::percentile as pct;
 use tower_tests::bench::port_forward::{BURST, BesidePump, PortForwardBed, Pump};
 use tower_tests::testbed::threads;
 
-/// What `tower_ops::splice` names the threads that copy upgraded streams, and how many
-/// nice steps below the process they run by default (`--splice-nice`).
-const SPLICE_THREAD: &str = "tower-splice";
+/// How many nice steps below the process the splice threads run by default
+/// (`--splice-nice`).
 const SPLICE_NICE: i32 = 10;
 
 /// GETs per measurement: 400, or `TOWER_TEST_PF_GETS` (more for a steadier p99).
