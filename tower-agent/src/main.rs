@@ -141,7 +141,9 @@ struct Args {
     /// How many steps of CPU priority (nice) below the rest of the process
     /// the threads copying upgraded streams (exec, attach, port-forward, cp)
     /// run, 0–19, so that on a busy machine requests are served first; 0
-    /// copies them on the main threads at the same priority.
+    /// copies them on the main threads at the same priority. Use 0 under a
+    /// CPU limit: the lower priority costs bulk copies CPU per byte, and a
+    /// throttled process stops its request threads too.
     #[arg(long, env = "TOWER_SPLICE_NICE", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
     splice_nice: u8,
 }
