@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use russh::client;
+use tower_server::gateway::RETRY_AFTER_SECONDS;
 use tower_tests::fixture::http::{H2Client, fetch, open_unread};
 use tower_tests::fixture::{ProcessBed, ServerProcess};
 
@@ -274,7 +275,7 @@ async fn a_client_that_reads_nothing_stalls_only_itself() {
     let refusal = held.swap_remove(held.iter().position(|r| r.status() == 429).unwrap());
     assert_eq!(
         refusal.headers()["retry-after"],
-        RETRY_AFTER.to_string().as_str()
+        RETRY_AFTER_SECONDS.to_string().as_str()
     );
     let body = http_body_util::BodyExt::collect(refusal.into_body())
         .await
@@ -312,7 +313,7 @@ async fn a_client_that_reads_nothing_stalls_only_itself() {
         let status = fetch(&again, "/clusters/rohan/version", Duration::from_secs(10))
             .await
             .map(|r| r.0);
-        if status != Ok(429) || dropped.elapsed() > Duration::from_secs(RETRY_AFTER) {
+        if status != Ok(429) || dropped.elapsed() > Duration::from_secs(RETRY_AFTER_SECONDS) {
             break status;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -327,9 +328,6 @@ async fn a_client_that_reads_nothing_stalls_only_itself() {
         "the share is given back within Retry-After"
     );
 }
-
-/// The `Retry-After` the server sends with a `429`, in seconds.
-const RETRY_AFTER: u64 = 1;
 
 /// The cluster's share: four clients from four addresses, 40 unread streams
 /// each against a share of 32 per client and 96 per cluster. The cluster

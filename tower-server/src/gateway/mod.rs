@@ -42,7 +42,8 @@ pub use identity::CLIENT_CN_PREFIX;
 pub(crate) use identity::client_name;
 pub(crate) use shares::Shares;
 pub use shares::{
-    DEFAULT_CLIENT_STREAMS, DEFAULT_CLUSTER_STREAMS, MAX_CLUSTER_STREAMS, tunnel_conn_window,
+    DEFAULT_CLIENT_STREAMS, DEFAULT_CLUSTER_STREAMS, MAX_CLUSTER_STREAMS, RETRY_AFTER_SECONDS,
+    tunnel_conn_window,
 };
 pub(crate) use tls::{ClientCert, config as tls_config};
 
